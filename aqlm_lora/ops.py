@@ -1,0 +1,259 @@
+"""Typed wrappers over ``torch.ops.aqlm_lora.*``, their fake kernels, and autograd.
+
+Shapes: ``codes [O, I, C]`` (int8/int16, value mod 2**nbits), ``codebooks [C, 2**nbits, og, ig]``,
+``scales [O, 1, 1, 1]``, ``out_features = O * og``, ``in_features = I * ig``; ``lora_A [r, in]``,
+``lora_B [out, r]``. Inputs may have any leading dims (``N`` = their product, 0 allowed) and any
+strides. Every op accumulates in float32 (float64 when the input is float64); outputs take the
+dtype of the input they derive from (activations: ``input``; ``xa``, ``grad_A``: ``lora_A``;
+``grad_B``: ``lora_B``; ``dequantize``: ``codebooks``).
+
+Dropout uses Philox4x32-10 keyed by ``seed`` with counter ``(index // 4, offset)`` where ``index``
+is the element's row-major position in ``input``; the mask is the same on every backend and is
+regenerated in the backward instead of being stored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loading the extension registers the ops)
+
+
+def dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
+    """Dense ``[out, in]`` weight, in the codebooks' dtype."""
+    return torch.ops.aqlm_lora.dequantize.default(codes, codebooks, scales)
+
+
+def aqlm_gemm(input: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``input @ W^T + bias``: ``[..., in] -> [..., out]`` (differentiable w.r.t. input and bias)."""
+    return torch.ops.aqlm_lora.aqlm_gemm.default(input, codes, codebooks, scales, bias)
+
+
+def aqlm_gemm_t(grad: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
+    """``grad @ W``: ``[..., out] -> [..., in]``, the input gradient of the base layer."""
+    return torch.ops.aqlm_lora.aqlm_gemm_t.default(grad, codes, codebooks, scales)
+
+
+def dropout_mask(input: Tensor, dropout_p: float, seed: int, offset: int = 0) -> Tensor:
+    """Boolean keep-mask shaped like ``input`` that ``lora_forward`` uses for this seed/offset."""
+    return torch.ops.aqlm_lora.dropout_mask.default(input, dropout_p, seed, offset)
+
+
+def lora_forward(
+    input: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_bias: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    """Fused ``input @ W^T + bias + s * (dropout(input) @ A^T) @ B^T + s * lora_bias``.
+
+    Returns ``(out [..., out], xa [N, r])`` with ``xa = dropout(input) @ A^T`` (kept for backward).
+    """
+    return torch.ops.aqlm_lora.lora_forward.default(
+        input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset
+    )
+
+
+def lora_backward(
+    grad: Tensor,
+    input: Tensor,
+    xa: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    input_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_input, grad_A, grad_B)`` of :func:`lora_forward`; ``grad_input`` is an empty
+    ``[0]`` tensor when ``input_grad`` is False (the base matmul is then skipped)."""
+    return torch.ops.aqlm_lora.lora_backward.default(
+        grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling, dropout_p, seed, offset, input_grad
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
+
+
+def _out_features(codes: Tensor, codebooks: Tensor) -> int:
+    return codes.shape[0] * codebooks.shape[2]
+
+
+def _in_features(codes: Tensor, codebooks: Tensor) -> int:
+    return codes.shape[1] * codebooks.shape[3]
+
+
+@torch.library.register_fake("aqlm_lora::dequantize")
+def _dequantize_fake(codes, codebooks, scales):
+    return codebooks.new_empty((_out_features(codes, codebooks), _in_features(codes, codebooks)))
+
+
+@torch.library.register_fake("aqlm_lora::aqlm_gemm")
+def _aqlm_gemm_fake(input, codes, codebooks, scales, bias):
+    torch._check(input.shape[-1] == _in_features(codes, codebooks))
+    return input.new_empty((*input.shape[:-1], _out_features(codes, codebooks)))
+
+
+@torch.library.register_fake("aqlm_lora::aqlm_gemm_t")
+def _aqlm_gemm_t_fake(grad, codes, codebooks, scales):
+    torch._check(grad.shape[-1] == _out_features(codes, codebooks))
+    return grad.new_empty((*grad.shape[:-1], _in_features(codes, codebooks)))
+
+
+@torch.library.register_fake("aqlm_lora::dropout_mask")
+def _dropout_mask_fake(input, dropout_p, seed, offset):
+    return input.new_empty(input.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("aqlm_lora::lora_forward")
+def _lora_forward_fake(input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset):
+    torch._check(input.shape[-1] == lora_A.shape[1])
+    out = input.new_empty((*input.shape[:-1], lora_B.shape[0]))
+    xa = lora_A.new_empty((math.prod(input.shape[:-1]), lora_A.shape[0]))
+    return out, xa
+
+
+@torch.library.register_fake("aqlm_lora::lora_backward")
+def _lora_backward_fake(
+    grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling, dropout_p, seed, offset, input_grad
+):
+    grad_input = input.new_empty(input.shape) if input_grad else input.new_empty((0,))
+    return grad_input, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, made of the ops above. Codebooks, scales and codes are frozen: no gradient flows to them.
+
+
+def _sum_rows(grad: Tensor, like: Tensor) -> Tensor:
+    return grad.reshape(-1, grad.shape[-1]).sum(0).to(like.dtype)
+
+
+def _aqlm_gemm_setup(ctx, inputs, output):
+    _, codes, codebooks, scales, bias = inputs
+    ctx.save_for_backward(codes, codebooks, scales, bias)
+
+
+def _aqlm_gemm_backward(ctx, grad):
+    codes, codebooks, scales, bias = ctx.saved_tensors
+    grad_input = aqlm_gemm_t(grad, codes, codebooks, scales) if ctx.needs_input_grad[0] else None
+    grad_bias = _sum_rows(grad, bias) if bias is not None and ctx.needs_input_grad[4] else None
+    return grad_input, None, None, None, grad_bias
+
+
+torch.library.register_autograd("aqlm_lora::aqlm_gemm", _aqlm_gemm_backward, setup_context=_aqlm_gemm_setup)
+
+
+def _lora_forward_setup(ctx, inputs, output):
+    input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset = inputs
+    _, xa = output
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(input, xa, codes, codebooks, scales, lora_A, lora_B)
+    ctx.has_bias = bias is not None
+    ctx.has_lora_bias = lora_bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.lora_bias_dtype = lora_bias.dtype if lora_bias is not None else None
+    ctx.params = (scaling, dropout_p, seed, offset)
+
+
+def _lora_forward_backward(ctx, grad, grad_xa):
+    input, xa, codes, codebooks, scales, lora_A, lora_B = ctx.saved_tensors
+    scaling, dropout_p, seed, offset = ctx.params
+    needs = ctx.needs_input_grad
+    grad_input, grad_A, grad_B = lora_backward(
+        grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling, dropout_p, seed, offset, needs[0]
+    )
+    rows = grad.reshape(-1, grad.shape[-1])
+    grad_bias = rows.sum(0).to(ctx.bias_dtype) if ctx.has_bias and needs[4] else None
+    grad_lora_bias = (rows.sum(0) * scaling).to(ctx.lora_bias_dtype) if ctx.has_lora_bias and needs[7] else None
+    return (
+        grad_input if needs[0] else None,
+        None,
+        None,
+        None,
+        grad_bias,
+        grad_A if needs[5] else None,
+        grad_B if needs[6] else None,
+        grad_lora_bias,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "aqlm_lora::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable entry points.
+
+
+def _refuse_weight_grad(codebooks: Tensor, scales: Tensor) -> None:
+    if torch.is_grad_enabled() and (codebooks.requires_grad or scales.requires_grad):
+        raise ValueError(
+            "aqlm_lora: gradients w.r.t. codebooks or scales are not supported; freeze them with "
+            "requires_grad_(False) (PEFT does this for base layers)"
+        )
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def aqlm_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Differentiable base AQLM layer ``x @ W^T + bias`` (gradients to ``x`` and ``bias``)."""
+    _refuse_weight_grad(codebooks, scales)
+    return aqlm_gemm(x, codes, codebooks, scales, bias)
+
+
+def aqlm_lora_linear(
+    x: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    lora_bias: Optional[Tensor] = None,
+    training: bool = True,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> Tensor:
+    """AQLM layer plus LoRA in one fused, differentiable call.
+
+    ``y = x W^T + bias + scaling * (dropout(x) A^T) B^T + scaling * lora_bias``. Dropout applies
+    only when ``training`` and ``dropout_p > 0``; its seed is drawn with :func:`draw_seed` unless
+    given. Gradients flow to ``x``, ``bias``, ``lora_A``, ``lora_B`` and ``lora_bias``; the backward
+    saves only ``x`` and ``xa = dropout(x) A^T`` ([N, r]).
+    """
+    _refuse_weight_grad(codebooks, scales)
+    p = float(dropout_p) if training else 0.0
+    if p != 0.0 and seed is None:
+        seed = draw_seed()
+    out, _ = lora_forward(
+        x, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed or 0, offset
+    )
+    return out

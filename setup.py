@@ -1,0 +1,75 @@
+"""Builds the aqlm_lora._C extension: CPU kernels always, CUDA kernels when the toolchain has them.
+
+CUDA is decided from the toolchain (a CUDA build of torch and an nvcc), never from a visible GPU.
+AQLM_LORA_USE_CUDA=auto (default) builds CUDA when possible and says why not otherwise; 0 never
+builds it; 1 fails when it cannot. MAX_JOBS caps parallel compile jobs (torch's BuildExtension).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_unavailable_reasons() -> list[str]:
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is not a CUDA build")
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        reasons.append("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    return reasons
+
+
+def _use_cuda() -> bool:
+    mode = os.environ.get("AQLM_LORA_USE_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"aqlm_lora: AQLM_LORA_USE_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        print("aqlm_lora: CUDA kernels skipped: AQLM_LORA_USE_CUDA=0")
+        return False
+    reasons = _cuda_unavailable_reasons()
+    if reasons:
+        if mode == "1":
+            raise SystemExit("aqlm_lora: AQLM_LORA_USE_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(reasons))
+        print("aqlm_lora: CUDA kernels skipped: " + "; ".join(reasons))
+        return False
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # Without a visible GPU torch cannot guess the architectures; build for Ampere and Hopper.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        print("aqlm_lora: no GPU visible, building CUDA kernels for TORCH_CUDA_ARCH_LIST=8.0;9.0")
+    return True
+
+
+def _extension():
+    use_cuda = _use_cuda()
+    sources = ["csrc/aqlm_lora.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # -fopenmp makes at::parallel_for's inline OpenMP regions real; the runtime itself comes from
+    # the libgomp that torch already loads, so nothing extra is linked.
+    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    extra = {"cxx": cxx_flags}
+    kwargs = dict(
+        name="aqlm_lora._C",
+        include_dirs=[os.path.join(HERE, "csrc")],
+        py_limited_api=True,
+    )
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DPy_LIMITED_API=0x03090000"]
+        return CUDAExtension(sources=sources, extra_compile_args=extra, **kwargs)
+    return CppExtension(sources=sources, extra_compile_args=extra, **kwargs)
+
+
+setup(
+    packages=find_packages(include=["aqlm_lora", "aqlm_lora.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
