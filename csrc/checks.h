@@ -61,6 +61,8 @@ inline AqlmDims check_weight(const at::Tensor& codes, const at::Tensor& codebook
   TORCH_CHECK(codebooks.size(0) == d.num_codebooks, "aqlm_lora: codebooks.shape[0] must equal codes.shape[2] = ",
               d.num_codebooks, " (num_codebooks), got ", codebooks.size(0));
   TORCH_CHECK(d.num_codebooks >= 1, "aqlm_lora: num_codebooks must be at least 1, got ", d.num_codebooks);
+  TORCH_CHECK(d.out_groups >= 1 && d.in_groups >= 1, "aqlm_lora: codes must have at least one output and one input group, got shape ",
+              codes.sizes());
   TORCH_CHECK(d.out_group >= 1 && d.in_group >= 1, "aqlm_lora: codebooks group sizes must be positive, got shape ",
               codebooks.sizes());
   const int64_t k = d.codebook_size;

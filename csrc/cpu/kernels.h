@@ -1,0 +1,47 @@
+// CPU kernels shared by the op implementations in ops_cpu.cpp. All take raw pointers to
+// contiguous buffers already converted to the accumulation type acc_t (float or double).
+#pragma once
+
+#include <cstdint>
+
+#include "checks.h"
+
+namespace aqlm_lora::cpu {
+
+// Codebook row index of a stored (signed) code: value mod 2**nbits.
+template <typename code_t>
+inline uint32_t code_index(code_t stored, uint32_t mask) {
+  using ucode_t = std::make_unsigned_t<code_t>;
+  return static_cast<uint32_t>(static_cast<ucode_t>(stored)) & mask;
+}
+
+// The AQLM weight in the accumulation type: codes [O, I, C], codebooks [C, K, og, ig], scales [O].
+template <typename acc_t, typename code_t>
+struct Weight {
+  const code_t* codes;
+  const acc_t* codebooks;
+  const acc_t* scales;
+  AqlmDims d;
+};
+
+// dst[(o - o0) * og + a, (i - i0) * ig + b] = W[o * og + a, i * ig + b] for o in [o0, o1),
+// i in [i0, i1); dst has leading dimension ld. Single-threaded: callers parallelize over tiles.
+template <typename acc_t, typename code_t>
+void dequantize_tile(const Weight<acc_t, code_t>& w, int64_t o0, int64_t o1, int64_t i0, int64_t i1, acc_t* dst,
+                     int64_t ld);
+
+// y[n, :] = x[n, :] @ W^T for n < N, few rows: lookup tables for nbits <= 8, codebook gathers
+// otherwise. x [N, in] and y [N, out] are contiguous; parallel over output groups.
+template <typename acc_t, typename code_t>
+void decode_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, acc_t* y);
+
+// Whether decode_gemm handles n_rows rows for this weight (else use blocked dequantize + GEMM).
+bool use_decode(const AqlmDims& d, int64_t n_rows);
+
+// dst = src * keep / (1 - p) elementwise with the Philox mask of element indices [0, numel).
+template <typename acc_t>
+void apply_dropout(const acc_t* src, acc_t* dst, int64_t numel, float dropout_p, uint64_t seed, uint64_t offset);
+
+void dropout_mask(bool* dst, int64_t numel, float dropout_p, uint64_t seed, uint64_t offset);
+
+}  // namespace aqlm_lora::cpu

@@ -1,0 +1,241 @@
+// CPU implementations of the aqlm_lora ops. Few rows go through decode_gemm (no dequantized W);
+// many rows dequantize W in blocks into per-thread buffers and hand each block to BLAS, so the
+// whole dense W never exists. The LoRA shrink/expand and dropout run in the same call.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+
+namespace aqlm_lora::cpu {
+namespace {
+
+// Rows of W (forward) or columns of W (gemm_t) dequantized per block: big enough for an
+// efficient GEMM, small enough that the block stays in L2.
+constexpr int64_t kBlockRows = 64;
+constexpr int64_t kBlockCols = 64;
+
+at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Owns the converted weight tensors that a Weight view points into.
+struct PreparedWeight {
+  at::Tensor codes, codebooks, scales;
+  AqlmDims d;
+};
+
+PreparedWeight prepare(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
+                       const AqlmDims& d, at::ScalarType acc) {
+  return {codes.contiguous(), codebooks.to(acc).contiguous(), scales.to(acc).reshape({-1}).contiguous(), d};
+}
+
+// Calls f(acc_t{}, code_t{}) with the accumulation and code types of this call.
+template <typename F>
+void dispatch_types(at::ScalarType acc, const at::Tensor& codes, F&& f) {
+  const bool wide = codes.scalar_type() == at::kShort;
+  if (acc == at::kDouble) {
+    wide ? f(double{}, int16_t{}) : f(double{}, int8_t{});
+  } else {
+    wide ? f(float{}, int16_t{}) : f(float{}, int8_t{});
+  }
+}
+
+template <typename acc_t, typename code_t>
+Weight<acc_t, code_t> view(const PreparedWeight& p) {
+  return {p.codes.data_ptr<code_t>(), p.codebooks.data_ptr<acc_t>(), p.scales.data_ptr<acc_t>(), p.d};
+}
+
+at::Tensor rows_of(const at::Tensor& t, int64_t n, int64_t features, at::ScalarType acc) {
+  return t.reshape({n, features}).to(acc).contiguous();
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> shape(sizes.begin(), sizes.end());
+  shape.back() = last;
+  return shape;
+}
+
+// out [N, out] = x [N, in] @ W^T, all in acc_t and contiguous.
+template <typename acc_t, typename code_t>
+void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, at::Tensor& out) {
+  const AqlmDims& d = w.d;
+  const int64_t n = x.size(0), in = d.in_features();
+  if (n == 0) return;
+  if (use_decode(d, n)) return decode_gemm(w, x.data_ptr<acc_t>(), n, out.data_ptr<acc_t>());
+  const int64_t groups_per_block = std::max<int64_t>(1, kBlockRows / d.out_group);
+  const int64_t blocks = (d.out_groups + groups_per_block - 1) / groups_per_block;
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<acc_t> buf(groups_per_block * d.out_group * in);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t o0 = b * groups_per_block, o1 = std::min(d.out_groups, o0 + groups_per_block);
+      const int64_t rows = (o1 - o0) * d.out_group;
+      dequantize_tile(w, o0, o1, 0, d.in_groups, buf.data(), in);
+      const at::Tensor block = at::from_blob(buf.data(), {rows, in}, x.options());
+      at::Tensor dst = out.narrow(1, o0 * d.out_group, rows);
+      at::mm_out(dst, x, block.t());
+    }
+  });
+}
+
+// dx [N, in] = g [N, out] @ W, by blocks of input columns so each block is written by one thread.
+template <typename acc_t, typename code_t>
+void base_gemm_t(const Weight<acc_t, code_t>& w, const at::Tensor& g, at::Tensor& dx) {
+  const AqlmDims& d = w.d;
+  const int64_t out = d.out_features();
+  if (g.size(0) == 0) return;
+  const int64_t groups_per_block = std::max<int64_t>(1, kBlockCols / d.in_group);
+  const int64_t blocks = (d.in_groups + groups_per_block - 1) / groups_per_block;
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<acc_t> buf(out * groups_per_block * d.in_group);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t i0 = b * groups_per_block, i1 = std::min(d.in_groups, i0 + groups_per_block);
+      const int64_t cols = (i1 - i0) * d.in_group;
+      dequantize_tile(w, 0, d.out_groups, i0, i1, buf.data(), cols);
+      const at::Tensor block = at::from_blob(buf.data(), {out, cols}, g.options());
+      at::Tensor dst = dx.narrow(1, i0 * d.in_group, cols);
+      at::mm_out(dst, g, block);
+    }
+  });
+}
+
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  if (p == 0.0) return x;
+  at::Tensor y = at::empty_like(x);
+  dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+    using acc_t = decltype(acc_tag);
+    apply_dropout<acc_t>(x.data_ptr<acc_t>(), y.data_ptr<acc_t>(), x.numel(), static_cast<float>(p),
+                         static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  });
+  return y;
+}
+
+// out [N, out] in acc type: x @ W^T + bias.
+at::Tensor base_forward(const at::Tensor& x, const PreparedWeight& pw, const c10::optional<at::Tensor>& bias) {
+  const at::ScalarType acc = x.scalar_type();
+  at::Tensor out = at::empty({x.size(0), pw.d.out_features()}, x.options());
+  dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
+    base_gemm(view<decltype(acc_tag), decltype(code_tag)>(pw), x, out);
+  });
+  if (bias.has_value()) out.add_(bias->to(acc));
+  return out;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales) {
+  const AqlmDims d = check_weight(codes, codebooks, scales);
+  const at::ScalarType acc = acc_type(codebooks);
+  const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
+  at::Tensor out = at::empty({d.out_features(), d.in_features()}, codebooks.options().dtype(acc));
+  dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
+    using acc_t = decltype(acc_tag);
+    const auto w = view<acc_t, decltype(code_tag)>(pw);
+    acc_t* dst = out.data_ptr<acc_t>();
+    at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
+      dequantize_tile(w, o0, o1, 0, d.in_groups, dst + o0 * d.out_group * d.in_features(), d.in_features());
+    });
+  });
+  return out.to(codebooks.scalar_type());
+}
+
+at::Tensor aqlm_gemm_cpu(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& codebooks,
+                         const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+  const AqlmDims d = check_weight(codes, codebooks, scales);
+  const int64_t n = check_rows(input, "input", d.in_features(), codes);
+  check_vector(bias, "bias", d.out_features(), codes);
+  const at::ScalarType acc = acc_type(input);
+  const at::Tensor x = rows_of(input, n, d.in_features(), acc);
+  const at::Tensor out = base_forward(x, prepare(codes, codebooks, scales, d, acc), bias);
+  return out.to(input.scalar_type()).reshape(with_last(input.sizes(), d.out_features()));
+}
+
+at::Tensor aqlm_gemm_t_cpu(const at::Tensor& grad, const at::Tensor& codes, const at::Tensor& codebooks,
+                           const at::Tensor& scales) {
+  const AqlmDims d = check_weight(codes, codebooks, scales);
+  const int64_t n = check_rows(grad, "grad", d.out_features(), codes);
+  const at::ScalarType acc = acc_type(grad);
+  const at::Tensor g = rows_of(grad, n, d.out_features(), acc);
+  const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
+  at::Tensor dx = at::empty({n, d.in_features()}, g.options());
+  dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
+    base_gemm_t(view<decltype(acc_tag), decltype(code_tag)>(pw), g, dx);
+  });
+  return dx.to(grad.scalar_type()).reshape(with_last(grad.sizes(), d.in_features()));
+}
+
+at::Tensor dropout_mask_cpu(const at::Tensor& input, double dropout_p, int64_t seed, int64_t offset) {
+  check_dropout(dropout_p);
+  at::Tensor mask = at::empty(input.sizes(), input.options().dtype(at::kBool));
+  dropout_mask(mask.data_ptr<bool>(), mask.numel(), static_cast<float>(dropout_p), static_cast<uint64_t>(seed),
+               static_cast<uint64_t>(offset));
+  return mask;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& input, const at::Tensor& codes,
+                                                    const at::Tensor& codebooks, const at::Tensor& scales,
+                                                    const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B,
+                                                    const c10::optional<at::Tensor>& lora_bias, double scaling,
+                                                    double dropout_p, int64_t seed, int64_t offset) {
+  const AqlmDims d = check_weight(codes, codebooks, scales);
+  const int64_t n = check_rows(input, "input", d.in_features(), codes);
+  check_vector(bias, "bias", d.out_features(), codes);
+  check_lora(lora_A, lora_B, d, codes);
+  check_vector(lora_bias, "lora_bias", d.out_features(), codes);
+  check_dropout(dropout_p);
+  const at::ScalarType acc = acc_type(input);
+  const at::Tensor x = rows_of(input, n, d.in_features(), acc);
+  at::Tensor out = base_forward(x, prepare(codes, codebooks, scales, d, acc), bias);
+  const at::Tensor xa = at::mm(dropout(x, dropout_p, seed, offset), lora_A.to(acc).t());
+  out.addmm_(xa, lora_B.to(acc).t(), 1.0, scaling);
+  if (lora_bias.has_value()) out.add_(lora_bias->to(acc), scaling);
+  return {out.to(input.scalar_type()).reshape(with_last(input.sizes(), d.out_features())),
+          xa.to(lora_A.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& xa, const at::Tensor& codes,
+    const at::Tensor& codebooks, const at::Tensor& scales, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    double scaling, double dropout_p, int64_t seed, int64_t offset, bool input_grad) {
+  const AqlmDims d = check_weight(codes, codebooks, scales);
+  const int64_t n = check_rows(input, "input", d.in_features(), codes);
+  const int64_t r = check_lora(lora_A, lora_B, d, codes);
+  TORCH_CHECK(check_rows(grad, "grad", d.out_features(), codes) == n, "aqlm_lora: grad must have ", n,
+              " rows like input, got shape ", grad.sizes());
+  check_float(xa, "xa");
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == n && xa.size(1) == r, "aqlm_lora: xa must have shape [", n, ", ", r,
+              "], got ", xa.sizes());
+  check_dropout(dropout_p);
+  const at::ScalarType acc = acc_type(input);
+  const at::Tensor g = rows_of(grad, n, d.out_features(), acc);
+  const at::Tensor x = rows_of(input, n, d.in_features(), acc);
+  const at::Tensor a = lora_A.to(acc);
+  const at::Tensor gb = at::mm(g, lora_B.to(acc));  // [N, r]
+  const at::Tensor grad_B = at::mm(g.t(), xa.to(acc)).mul_(scaling);
+  const at::Tensor grad_A = at::mm(gb.t(), dropout(x, dropout_p, seed, offset)).mul_(scaling);
+  at::Tensor grad_input = at::empty({0}, input.options());
+  if (input_grad) {
+    const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
+    at::Tensor dx = at::empty({n, d.in_features()}, x.options());
+    dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
+      base_gemm_t(view<decltype(acc_tag), decltype(code_tag)>(pw), g, dx);
+    });
+    dx.add_(dropout(at::mm(gb, a), dropout_p, seed, offset), scaling);
+    grad_input = dx.to(input.scalar_type()).reshape(input.sizes());
+  }
+  return {grad_input, grad_A.to(lora_A.scalar_type()), grad_B.to(lora_B.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aqlm_lora, CPU, m) {
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("aqlm_gemm", &aqlm_gemm_cpu);
+  m.impl("aqlm_gemm_t", &aqlm_gemm_t_cpu);
+  m.impl("dropout_mask", &dropout_mask_cpu);
+  m.impl("lora_forward", &lora_forward_cpu);
+  m.impl("lora_backward", &lora_backward_cpu);
+}
+
+}  // namespace aqlm_lora::cpu
