@@ -1,0 +1,310 @@
+"""``AqlmLoraLinear``: PEFT's LoRA layer for ``aqlm.QuantizedLinear``, computed with fused ops.
+
+A drop-in for ``peft.tuners.lora.aqlm.AqlmLoraLinear``: same constructor, same state-dict keys
+(``base_layer.*``, ``lora_A.<name>.weight``, ``lora_B.<name>.weight``/``.bias``), same scaling,
+``lora_bias``, ``disable_adapters``, ``set_adapter``, ``delete_adapter`` and ``adapter_names``
+mixed-batch semantics. This module only decides *what* to compute (which adapters, scaling,
+dropout probability, dtypes); the math is :func:`aqlm_lora.ops.aqlm_lora_linear` /
+:func:`aqlm_lora.ops.aqlm_linear`, which read the base layer's ``codes``, ``codebooks``, ``scales``
+and ``bias`` directly. The base layer's ``forward`` is never called and its tensors are never
+written.
+
+Behaviour worth knowing:
+
+- Several active adapters: adapters with the same effective dropout probability are fused into one
+  call by concatenating their ranks (``A = cat(A_i)``, ``B = cat(s_i * B_i)``, lora bias
+  ``sum(s_i * b_i)``, scaling 1). The group of the first active adapter shares the call with the
+  base matmul; another group (only when dropout probabilities differ while training) is added as a
+  plain-PyTorch LoRA term with its own Philox mask. Adapters in one group share one dropout mask
+  per call (each adapter still sees Bernoulli(1 - p) dropout; PEFT draws independent masks).
+- Dropout masks come from the op's counter-based generator (seeded from torch's default CPU
+  generator), not from ``nn.Dropout``: same statistics, different draws.
+- dtypes: the fused op reads ``x`` in its own dtype and accumulates in float32 against LoRA
+  weights of any float dtype, which is what PEFT's ``_cast_input_dtype`` (cast ``x`` to the
+  LoRA dtype for the LoRA branch, cast the LoRA output back) achieves, without the extra copies.
+  The output has ``x``'s dtype, as the base AQLM layer's does. Under ``torch.autocast`` for
+  ``x``'s device, ``x`` is cast to the autocast dtype first (the output then has that dtype, as
+  ``F.linear`` under autocast would give).
+- ``merge()`` raises (adding a LoRA delta to ~2-bit codes cannot be exact); ``unmerge()`` warns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import aqlm
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import LoraLayer
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["AqlmLoraLinear", "canonical_codes"]
+
+# init_lora_weights values that read or rewrite the dense base weight (SVD, QR, quantization error,
+# gradients). An AQLM layer has no dense weight to read and its codes cannot absorb a residual.
+_DENSE_WEIGHT_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "mica")
+
+_VARIANT_KWARGS = ("alora_offsets",)
+
+
+def _dense_init_name(init_lora_weights: Any) -> Optional[str]:
+    if not isinstance(init_lora_weights, str):
+        return None
+    lowered = init_lora_weights.lower()
+    for name in _DENSE_WEIGHT_INITS:
+        if lowered == name or lowered.startswith(name + "_"):
+            return init_lora_weights
+    return None
+
+
+def _check_supported(config: LoraConfig, cls_name: str) -> None:
+    """Raise ValueError for options AQLM bases cannot support, saying why and what to do."""
+    if config.use_dora:
+        raise ValueError(
+            f"{cls_name} does not support DoRA (use_dora=True): DoRA needs the column norms of the dense "
+            "weight W + s*B@A at every step, and an AQLM layer stores only ~2-bit codes. Set use_dora=False."
+        )
+    dense_init = _dense_init_name(config.init_lora_weights)
+    if dense_init is not None:
+        raise ValueError(
+            f"{cls_name} does not support init_lora_weights={dense_init!r}: it reads (and, for most of these, "
+            "rewrites) the dense base weight, and an AQLM layer has only codes, codebooks and scales - its "
+            "weight cannot absorb a residual without re-quantizing. Use init_lora_weights=True, False, "
+            "'gaussian', 'eva' or 'orthogonal', or apply the init on the dense model before quantizing."
+        )
+
+
+def canonical_codes(base_layer: nn.Module) -> Tensor:
+    """The base layer's codes as ``[out_groups, in_groups, num_codebooks]``, never modifying them.
+
+    ``aqlm.QuantizedLinear.forward`` on CPU with 8-bit codebooks (``codebook_size == 256``) permutes
+    ``codes`` in place to ``[in_groups, out_groups, C]`` the first time it runs (``prepare_matmul_op``,
+    which also sets ``gemv_op``). Such codes are returned as a permuted view of the stored tensor.
+    When ``out_groups == in_groups`` the shape cannot tell the layouts apart; the layout is then
+    inferred from the device aqlm prepared on (CPU permutes, CUDA does not) and refused when the
+    codes are on CUDA, where it cannot be inferred.
+    """
+    codes = base_layer.codes
+    num_out = base_layer.out_features // base_layer.out_group_size
+    num_in = base_layer.in_features // base_layer.in_group_size
+    num_cb = base_layer.num_codebooks
+    canonical, permuted = (num_out, num_in, num_cb), (num_in, num_out, num_cb)
+    shape = tuple(codes.shape)
+    may_be_permuted = getattr(base_layer, "gemv_op", None) is not None and base_layer.codebook_size == 256
+    if not may_be_permuted or canonical == permuted:
+        if shape != canonical:
+            raise ValueError(
+                f"aqlm_lora: the base layer's codes have shape {list(shape)}, expected {list(canonical)} "
+                "[out_features/out_group_size, in_features/in_group_size, num_codebooks]"
+            )
+        if not may_be_permuted:
+            return codes
+        if codes.is_cuda:
+            raise ValueError(
+                "aqlm_lora: this aqlm.QuantizedLinear has 8-bit codebooks and already ran its own forward, "
+                "which permutes `codes` in place on CPU (to [in_groups, out_groups, C]); with "
+                f"out_groups == in_groups == {num_out} the layout cannot be inferred for codes on CUDA. "
+                "Reload the layer's codes from the checkpoint (or wrap the layer before calling it)."
+            )
+        return codes.permute(1, 0, 2)
+    if shape == canonical:
+        return codes
+    if shape == permuted:
+        return codes.permute(1, 0, 2)
+    raise ValueError(
+        f"aqlm_lora: the base layer's codes have shape {list(shape)}, expected {list(canonical)} "
+        f"(or {list(permuted)} after aqlm's in-place CPU permutation)"
+    )
+
+
+class AqlmLoraLinear(torch.nn.Module, LoraLayer):
+    """LoRA on an ``aqlm.QuantizedLinear`` (or a PEFT tuner layer wrapping one), fused kernels.
+
+    Constructor as PEFT's ``AqlmLoraLinear``. With ``config`` (what PEFT >= 0.19 passes) the
+    config's dropout, init, rsLoRA, DoRA and lora_bias settings count; ``r`` and ``lora_alpha``
+    are the arguments (PEFT resolves ``rank_pattern``/``alpha_pattern`` into them), or the config's
+    when ``r`` is not given. Without ``config`` the keyword arguments build one.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: int = 1,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        config: Optional[LoraConfig] = None,
+        **kwargs: Any,
+    ) -> None:
+        if config is None:
+            config = LoraConfig(
+                r=max(int(r), 1),
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                init_lora_weights=init_lora_weights,
+                use_rslora=use_rslora,
+                use_dora=use_dora,
+                lora_bias=lora_bias,
+            )
+        elif not r:
+            r, lora_alpha = config.r, config.lora_alpha
+        _check_supported(config, type(self).__name__)
+
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        if not isinstance(self.get_base_layer(), aqlm.QuantizedLinear):
+            raise TypeError(
+                f"{type(self).__name__} needs an aqlm.QuantizedLinear base layer, got "
+                f"{type(self.get_base_layer()).__name__}"
+            )
+        self._active_adapter = adapter_name
+        update_kwargs = {k: kwargs[k] for k in ("target_name", "tied_adapter") if k in kwargs}
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **update_kwargs)
+
+    # -----------------------------------------------------------------------------------------
+    # Adapter management (PEFT's LoraLayer does the bookkeeping).
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
+        # Also reached directly by PEFT when a second adapter is added to an existing layer.
+        _check_supported(config, type(self).__name__)
+        try:
+            self.resolve_lora_variant(config=config)
+        except ValueError as err:
+            raise ValueError(
+                f"{type(self).__name__} implements plain LoRA only; this LoraConfig asks for a LoRA variant "
+                f"(DoRA, aLoRA, VeLoRA, MiCA, Arrow, BD-LoRA, MonteCLoRA, KaSA...): {err}"
+            ) from err
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # New adapters go to the codebooks' device; their dtype stays as created (float32), as with
+        # PEFT's own AQLM layer (whose probe only finds the int `qweight`).
+        if isinstance(base_layer, aqlm.QuantizedLinear):
+            return base_layer.codebooks.device, None
+        return super()._get_base_layer_device_and_dtype(base_layer)
+
+    @torch.no_grad()
+    def orthogonal_init(self, adapter_name: str) -> None:
+        # PEFT's version reads the dense weight only for its dtype; use the adapter's own dtype.
+        rank = self.r[adapter_name]
+        if rank % 2 != 0:
+            raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {rank} instead.")
+        q, _ = torch.linalg.qr(torch.randn(rank, rank))
+        lora_A = torch.randn(self.in_features, rank // 2).mm(q[0::2, :]).T / 10.0
+        lora_B = torch.randn(rank // 2, self.out_features).T.mm(q[1::2, :]) / 10.0
+        weight_A, weight_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        self.lora_A[adapter_name].weight = nn.Parameter(lora_A.contiguous().to(weight_A))
+        self.lora_B[adapter_name].weight = nn.Parameter(lora_B.contiguous().to(weight_B))
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot merge LoRA into an AQLM layer: W + s*B@A is not representable in "
+            "the ~2-bit codes, so merging would be inexact (it would need re-quantization). Keep the adapter "
+            "unmerged, or dequantize the model to dense nn.Linear layers and merge there."
+        )
+
+    def unmerge(self) -> None:
+        warnings.warn(f"{type(self).__name__}: nothing to unmerge (AQLM layers are never merged).", stacklevel=2)
+
+    # -----------------------------------------------------------------------------------------
+    # Forward.
+
+    def _adapter_terms(self, names: list[str], training: bool):
+        """(A, B, lora_bias, scaling, dropout_p) for the adapters in ``names``; ranks concatenated."""
+        mods = [(self.lora_A[n], self.lora_B[n], self.scaling[n]) for n in names]
+        if len(mods) == 1:
+            lora_A, lora_B, scaling = mods[0]
+            return lora_A.weight, lora_B.weight, lora_B.bias, float(scaling), self._dropout_p(names[0], training)
+        dtype = mods[0][0].weight.dtype
+        for lora_A, lora_B, _ in mods[1:]:
+            dtype = torch.promote_types(dtype, torch.promote_types(lora_A.weight.dtype, lora_B.weight.dtype))
+        weight_A = torch.cat([a.weight.to(dtype) for a, _, _ in mods], dim=0)
+        weight_B = torch.cat([b.weight.to(dtype) * s for _, b, s in mods], dim=1)
+        biases = [b.bias.to(dtype) * s for _, b, s in mods if b.bias is not None]
+        lora_bias = torch.stack(biases).sum(0) if biases else None
+        return weight_A, weight_B, lora_bias, 1.0, self._dropout_p(names[0], training)
+
+    def _dropout_p(self, adapter_name: str, training: bool) -> float:
+        if not training:
+            return 0.0
+        dropout = self.lora_dropout[adapter_name]
+        return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+
+    def _lora_forward(self, x: Tensor, names: list[str]) -> Tensor:
+        """Base output plus the LoRA terms of ``names`` (all present in this layer) for input ``x``."""
+        base = self.get_base_layer()
+        codes, codebooks, scales, bias = canonical_codes(base), base.codebooks, base.scales, base.bias
+        if not names:
+            return ops.aqlm_linear(x, codes, codebooks, scales, bias)
+        training = self.training
+        groups: dict[float, list[str]] = {}
+        for name in names:
+            groups.setdefault(self._dropout_p(name, training), []).append(name)
+        (first, *rest) = groups.values()
+        weight_A, weight_B, lora_bias, scaling, dropout_p = self._adapter_terms(first, training)
+        out = ops.aqlm_lora_linear(
+            x, codes, codebooks, scales, bias, weight_A, weight_B, scaling, dropout_p, lora_bias, training=training
+        )
+        for group in rest:  # only while training with adapters of different dropout probabilities
+            weight_A, weight_B, lora_bias, scaling, dropout_p = self._adapter_terms(group, training)
+            keep = ops.dropout_mask(x, dropout_p, ops.draw_seed())
+            xd = x.to(weight_A.dtype) * keep.to(weight_A.dtype) / (1.0 - dropout_p)
+            delta = (xd @ weight_A.T) @ weight_B.T
+            if lora_bias is not None:
+                delta = delta + lora_bias
+            out = out + (delta * scaling).to(out.dtype)
+        return out
+
+    def _compute_input(self, x: Tensor) -> Tensor:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+            return x.to(torch.get_autocast_dtype(device_type))
+        return x
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        for key in _VARIANT_KWARGS:
+            if kwargs.pop(key, None) is not None:
+                raise ValueError(f"{type(self).__name__} does not support `{key}` (LoRA variants are not supported)")
+        if args or kwargs:
+            raise TypeError(
+                f"{type(self).__name__}.forward takes the input and `adapter_names` only (as "
+                f"aqlm.QuantizedLinear.forward), got extra {len(args)} positional and {sorted(kwargs)} keyword"
+            )
+        x = self._compute_input(x)
+        if self.disable_adapters:
+            return self._lora_forward(x, [])
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names=adapter_names)
+        present = [name for name in self.active_adapters if name in self.lora_A]
+        return self._lora_forward(x, present)
+
+    def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> Tensor:
+        """Row ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        rows: dict[str, list[int]] = {}
+        for index, name in enumerate(adapter_names):
+            key = name if name in self.lora_A else "__base__"
+            rows.setdefault(key, []).append(index)
+        if len(rows) == 1:
+            (name,) = rows
+            return self._lora_forward(x, [] if name == "__base__" else [name])
+        parts, order = [], []
+        for name, index in rows.items():
+            idx = torch.tensor(index, device=x.device)
+            parts.append(self._lora_forward(x.index_select(0, idx), [] if name == "__base__" else [name]))
+            order.append(idx)
+        inverse = torch.empty(len(adapter_names), dtype=torch.long, device=x.device)
+        order_cat = torch.cat(order)
+        inverse[order_cat] = torch.arange(len(adapter_names), device=x.device)
+        return torch.cat(parts, dim=0).index_select(0, inverse)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
