@@ -123,7 +123,9 @@ def _dropout_mask_fake(input, dropout_p, seed, offset):
 
 
 @torch.library.register_fake("aqlm_lora::lora_forward")
-def _lora_forward_fake(input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset):
+def _lora_forward_fake(
+    input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset
+):
     torch._check(input.shape[-1] == lora_A.shape[1])
     out = input.new_empty((*input.shape[:-1], lora_B.shape[0]))
     xa = lora_A.new_empty((math.prod(input.shape[:-1]), lora_A.shape[0]))
@@ -199,9 +201,7 @@ def _lora_forward_backward(ctx, grad, grad_xa):
     )
 
 
-torch.library.register_autograd(
-    "aqlm_lora::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup
-)
+torch.library.register_autograd("aqlm_lora::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)
 
 
 # ---------------------------------------------------------------------------------------------

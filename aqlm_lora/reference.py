@@ -72,6 +72,8 @@ def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def philox4x32_10(counter: int | Tensor, offset: int, seed: int) -> list[Tensor]:
     """Philox4x32-10 words for counters ``(counter, offset)`` and key ``seed`` (all 64-bit)."""
+    if isinstance(counter, int) and counter >= 2**63:
+        counter -= 2**64  # same 64 bits, as int64 (the masks below read them back unsigned)
     counter = torch.as_tensor(counter, dtype=torch.int64)
     c0 = counter & _MASK32
     c1 = (counter >> 32) & _MASK32

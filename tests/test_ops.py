@@ -18,7 +18,7 @@ from tests.helpers import (
     devices,
     make_weight,
 )
-from tests.oracles import aqlm_dense, plain_lora, plain_linear, upcast
+from tests.oracles import aqlm_dense, plain_linear, plain_lora, upcast
 
 SHAPES = [(48, 80), (34, 48)]  # (out, in): not powers of two, divisible by every scheme's groups
 SHAPE_IDS = [f"{o}x{i}" for o, i in SHAPES]
@@ -171,9 +171,7 @@ def test_lora_backward(scheme, dtype, rows, dropout_p, device):
         assert_low_precision_ok(dx, px, ex)
         assert_low_precision_ok(da.to(dtype), pa, ea)
         assert_low_precision_ok(db.to(dtype), pb, eb)
-    skipped, da2, db2 = ops.lora_backward(
-        g, x, xa, *w.args(), lora_A, lora_B, scaling, dropout_p, seed, offset, False
-    )
+    skipped, da2, db2 = ops.lora_backward(g, x, xa, *w.args(), lora_A, lora_B, scaling, dropout_p, seed, offset, False)
     assert skipped.shape == (0,)
     torch.testing.assert_close(da2, da, rtol=0, atol=0)
     torch.testing.assert_close(db2, db, rtol=0, atol=0)

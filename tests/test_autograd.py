@@ -1,0 +1,135 @@
+"""The differentiable entry points: gradcheck in float64 (with dropout), agreement with the
+reference autograd graph, what is saved for backward, and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aqlm_lora
+from aqlm_lora import ops
+from aqlm_lora import reference as ref
+from tests.helpers import SCHEME_IDS, SCHEMES, assert_close_fp32, devices, make_weight
+
+device_p = pytest.mark.parametrize("device", devices())
+
+
+def _lora_inputs(scheme, device, dtype=torch.float64, rows=(3, 2), r=3):
+    w = make_weight(scheme, 16, 32, dtype, device, bias=True)
+    x = torch.randn(*rows, w.in_features, dtype=dtype, device=device, requires_grad=True)
+    lora_A = (torch.randn(r, w.in_features, dtype=dtype, device=device) / 4).requires_grad_()
+    lora_B = torch.randn(w.out_features, r, dtype=dtype, device=device).requires_grad_()
+    lora_bias = torch.randn(w.out_features, dtype=dtype, device=device).requires_grad_()
+    bias = w.bias.clone().requires_grad_()
+    return w, x, bias, lora_A, lora_B, lora_bias
+
+
+@device_p
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["nodrop", "drop0.3"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_gradcheck_lora_linear(scheme, dropout_p, device):
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(scheme, device)
+
+    def fn(x, bias, lora_A, lora_B, lora_bias):
+        return aqlm_lora.aqlm_lora_linear(
+            x, *w.args(), bias, lora_A, lora_B, 0.75, dropout_p, lora_bias, training=True, seed=5
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, bias, lora_A, lora_B, lora_bias))
+
+
+@device_p
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=SCHEME_IDS[:2])
+def test_gradcheck_aqlm_linear(scheme, device):
+    w, x, bias, *_ = _lora_inputs(scheme, device)
+    assert torch.autograd.gradcheck(lambda x, b: aqlm_lora.aqlm_linear(x, *w.args(), b), (x, bias))
+
+
+@device_p
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_grads_match_reference_graph(scheme, device):
+    """fp32 gradients of the fused path equal autograd through reference.lora_linear (dropout on)."""
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(scheme, device, torch.float32, rows=(5, 7))
+    leaves = (x, bias, lora_A, lora_B, lora_bias)
+    g = torch.randn(5, 7, w.out_features, device=device)
+    ours = aqlm_lora.aqlm_lora_linear(x, *w.args(), bias, lora_A, lora_B, 2.0, 0.2, lora_bias, seed=11, offset=4)
+    ours_grads = torch.autograd.grad(ours, leaves, g)
+    theirs = ref.lora_linear(x, *w.args(), bias, lora_A, lora_B, 2.0, 0.2, lora_bias, seed=11, offset=4)
+    their_grads = torch.autograd.grad(theirs, leaves, g)
+    assert_close_fp32(ours, theirs)
+    for a, b in zip(ours_grads, their_grads):
+        assert_close_fp32(a, b)
+
+
+def test_eval_mode_has_no_dropout():
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], "cpu", torch.float32)
+    args = (x, *w.args(), bias, lora_A, lora_B, 1.0, 0.5, lora_bias)
+    eval_out = aqlm_lora.aqlm_lora_linear(*args, training=False)
+    no_drop = aqlm_lora.aqlm_lora_linear(*args[:-2], 0.0, lora_bias)
+    torch.testing.assert_close(eval_out, no_drop, rtol=0, atol=0)
+    assert not torch.equal(aqlm_lora.aqlm_lora_linear(*args, training=True, seed=1), eval_out)
+
+
+def test_seed_is_drawn_from_torch_generator():
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], "cpu", torch.float32)
+    args = (x, *w.args(), bias, lora_A, lora_B, 1.0, 0.5, lora_bias)
+    torch.manual_seed(3)
+    first = aqlm_lora.aqlm_lora_linear(*args)
+    second = aqlm_lora.aqlm_lora_linear(*args)
+    torch.manual_seed(3)
+    again = aqlm_lora.aqlm_lora_linear(*args)
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+
+
+def test_saves_only_input_and_xa():
+    """Nothing of size N x in is saved for backward except x itself."""
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], "cpu", torch.float32, rows=(64,), r=2)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        aqlm_lora.aqlm_lora_linear(x, *w.args(), bias, lora_A, lora_B, 1.0, 0.1, lora_bias, seed=2)
+    weight = (w.codes, w.codebooks, w.scales)  # references to the frozen weight, not copies
+    big = [t for t in saved if t.numel() >= x.numel() and not any(t is p for p in weight)]
+    assert len(big) == 1 and big[0] is x, [tuple(t.shape) for t in big]
+
+
+def test_no_grad_saves_nothing():
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], "cpu", torch.float32)
+    saved = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = aqlm_lora.aqlm_lora_linear(x, *w.args(), bias, lora_A, lora_B, 1.0, 0.1, lora_bias, seed=2)
+    assert saved == [] and out.grad_fn is None
+
+
+def test_weight_gradients_are_refused():
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], "cpu", torch.float32)
+    codebooks = w.codebooks.clone().requires_grad_()
+    with pytest.raises(ValueError, match="codebooks or scales are not supported"):
+        aqlm_lora.aqlm_lora_linear(x, w.codes, codebooks, w.scales, bias, lora_A, lora_B, 1.0)
+    with pytest.raises(ValueError, match="codebooks or scales are not supported"):
+        aqlm_lora.aqlm_linear(x, w.codes, codebooks, w.scales, bias)
+
+
+@device_p
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
+def test_torch_compile_fullgraph(dropout_p, device):
+    torch._dynamo.reset()
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], device, torch.float32, rows=(4, 5))
+
+    def step(x, lora_A, lora_B):
+        y = ops.aqlm_lora_linear(x, *w.args(), w.bias, lora_A, lora_B, 0.5, dropout_p, None, seed=7)
+        return y.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_loss = step(x, lora_A, lora_B)
+    eager_grads = torch.autograd.grad(eager_loss, (x, lora_A, lora_B))
+    loss = compiled(x, lora_A, lora_B)
+    grads = torch.autograd.grad(loss, (x, lora_A, lora_B))
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
