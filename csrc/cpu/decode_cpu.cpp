@@ -5,11 +5,15 @@
 //    row and multiplies it with the x group.
 // Outputs are tiled by kRowTile output groups so several independent add chains run at once.
 // Each output is summed by one thread in a fixed order: results do not depend on the thread count.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
+#include "cpu/decode_simd.h"
 #include "cpu/kernels.h"
 
 namespace aqlm_lora::cpu {
@@ -126,7 +130,53 @@ void gather_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows,
 
 bool use_lut(const AqlmDims& d) { return d.nbits <= 8; }
 
+// AQLM_LORA_CPU_KERNELS=generic forces the portable kernels (to test or compare them).
+bool simd_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("AQLM_LORA_CPU_KERNELS");
+    return simd::avx2_supported() && !(env && std::strcmp(env, "generic") == 0);
+  }();
+  return enabled;
+}
+
 }  // namespace
+
+bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
+                 const AqlmDims& d, at::Tensor& out) {
+  const int64_t n = x.size(0);
+  if (!simd_enabled() || x.scalar_type() != at::kFloat || !use_decode(d, n)) return false;
+  simd::CodebookType type;
+  switch (codebooks.scalar_type()) {
+    case at::kFloat: type = simd::CodebookType::kFloat; break;
+    case at::kHalf: type = simd::CodebookType::kHalf; break;
+    case at::kBFloat16: type = simd::CodebookType::kBFloat16; break;
+    default: return false;
+  }
+  const bool lut = use_lut(d);
+  if (lut ? d.codebook_size % 8 != 0 : (d.out_group != 1 || d.in_group != 8)) return false;
+  const at::Tensor codes_c = codes.contiguous();
+  const at::Tensor scales_f = scales.to(at::kFloat).reshape({-1}).contiguous();
+  const simd::DecodeProblem p{codes_c.data_ptr(), codes.scalar_type() == at::kShort, d.out_groups, d.in_groups,
+                              d.num_codebooks, d.codebook_size, d.out_group, d.in_group,
+                              scales_f.data_ptr<float>(), x.data_ptr<float>(), n, out.data_ptr<float>()};
+  if (lut) {
+    // Codebooks transposed to [C, og, ig, K] so the table is built eight entries per FMA.
+    const at::Tensor cb_t = codebooks.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
+    std::vector<float> table(d.in_groups * d.num_codebooks * d.codebook_size * d.out_group * n);
+    at::parallel_for(0, d.in_groups, 8, [&](int64_t i0, int64_t i1) {
+      simd::build_lut_avx2(p, cb_t.data_ptr<float>(), i0, i1, table.data());
+    });
+    at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
+      simd::lut_rows_avx2(p, table.data(), o0, o1);
+    });
+  } else {
+    const at::Tensor cb = codebooks.contiguous();
+    at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
+      simd::gather_rows_avx2(p, cb.data_ptr(), type, o0, o1);
+    });
+  }
+  return true;
+}
 
 bool use_decode(const AqlmDims& d, int64_t n_rows) {
   if (n_rows < 1 || n_rows > kMaxDecodeRows || d.out_group * n_rows > kMaxAccumulators) return false;

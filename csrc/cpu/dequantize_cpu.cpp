@@ -1,5 +1,5 @@
 // Blocked dequantization of AQLM weight tiles into a caller-owned buffer.
-#include <ATen/Parallel.h>
+#include <algorithm>
 
 #include "cpu/kernels.h"
 
@@ -13,6 +13,7 @@ void dequantize_tile_impl(const Weight<acc_t, code_t>& w, int64_t o0, int64_t o1
   const AqlmDims& d = w.d;
   const int64_t C = d.num_codebooks, K = d.codebook_size, og = d.out_group;
   const int64_t ig = IG > 0 ? IG : d.in_group;
+  constexpr int64_t kChunk = IG > 0 ? IG : 16;
   const uint32_t mask = static_cast<uint32_t>(K - 1);
   for (int64_t o = o0; o < o1; ++o) {
     const acc_t s = w.scales[o];
@@ -20,13 +21,18 @@ void dequantize_tile_impl(const Weight<acc_t, code_t>& w, int64_t o0, int64_t o1
       const code_t* cp = w.codes + (o * d.in_groups + i) * C;
       for (int64_t a = 0; a < og; ++a) {
         acc_t* out = dst + ((o - o0) * og + a) * ld + (i - i0) * ig;
-        const acc_t* e0 = w.codebooks + ((code_index(cp[0], mask)) * og + a) * ig;
-        for (int64_t b = 0; b < ig; ++b) out[b] = e0[b];
-        for (int64_t c = 1; c < C; ++c) {
-          const acc_t* e = w.codebooks + ((c * K + code_index(cp[c], mask)) * og + a) * ig;
-          for (int64_t b = 0; b < ig; ++b) out[b] += e[b];
+        for (int64_t b0 = 0; b0 < ig; b0 += kChunk) {
+          // A local chunk the compiler keeps in registers (out may alias the codebooks' type).
+          const int64_t len = std::min<int64_t>(kChunk, ig - b0);
+          acc_t v[kChunk];
+          const acc_t* e0 = w.codebooks + (code_index(cp[0], mask) * og + a) * ig + b0;
+          for (int64_t b = 0; b < len; ++b) v[b] = e0[b];
+          for (int64_t c = 1; c < C; ++c) {
+            const acc_t* e = w.codebooks + ((c * K + code_index(cp[c], mask)) * og + a) * ig + b0;
+            for (int64_t b = 0; b < len; ++b) v[b] += e[b];
+          }
+          for (int64_t b = 0; b < len; ++b) out[b] = v[b] * s;
         }
-        for (int64_t b = 0; b < ig; ++b) out[b] *= s;
       }
     }
   }

@@ -35,6 +35,11 @@ void dequantize_tile(const Weight<acc_t, code_t>& w, int64_t o0, int64_t o1, int
 template <typename acc_t, typename code_t>
 void decode_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, acc_t* y);
 
+// The vectorized few-token path (AVX2, float inputs): writes out [N, out] and returns true, or
+// returns false without touching anything when it does not apply to this call.
+bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
+                 const AqlmDims& d, at::Tensor& out);
+
 // Whether decode_gemm handles n_rows rows for this weight (else use blocked dequantize + GEMM).
 bool use_decode(const AqlmDims& d, int64_t n_rows);
 

@@ -112,13 +112,17 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) 
   return y;
 }
 
-// out [N, out] in acc type: x @ W^T + bias.
-at::Tensor base_forward(const at::Tensor& x, const PreparedWeight& pw, const c10::optional<at::Tensor>& bias) {
+// out [N, out] in acc type (x's dtype): x @ W^T + bias.
+at::Tensor base_forward(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                        const at::Tensor& scales, const AqlmDims& d, const c10::optional<at::Tensor>& bias) {
   const at::ScalarType acc = x.scalar_type();
-  at::Tensor out = at::empty({x.size(0), pw.d.out_features()}, x.options());
-  dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
-    base_gemm(view<decltype(acc_tag), decltype(code_tag)>(pw), x, out);
-  });
+  at::Tensor out = at::empty({x.size(0), d.out_features()}, x.options());
+  if (!fast_decode(x, codes, codebooks, scales, d, out)) {
+    const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
+    dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
+      base_gemm(view<decltype(acc_tag), decltype(code_tag)>(pw), x, out);
+    });
+  }
   if (bias.has_value()) out.add_(bias->to(acc));
   return out;
 }
@@ -146,7 +150,7 @@ at::Tensor aqlm_gemm_cpu(const at::Tensor& input, const at::Tensor& codes, const
   check_vector(bias, "bias", d.out_features(), codes);
   const at::ScalarType acc = acc_type(input);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
-  const at::Tensor out = base_forward(x, prepare(codes, codebooks, scales, d, acc), bias);
+  const at::Tensor out = base_forward(x, codes, codebooks, scales, d, bias);
   return out.to(input.scalar_type()).reshape(with_last(input.sizes(), d.out_features()));
 }
 
@@ -186,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& input, con
   check_dropout(dropout_p);
   const at::ScalarType acc = acc_type(input);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
-  at::Tensor out = base_forward(x, prepare(codes, codebooks, scales, d, acc), bias);
+  at::Tensor out = base_forward(x, codes, codebooks, scales, d, bias);
   const at::Tensor xa = at::mm(dropout(x, dropout_p, seed, offset), lora_A.to(acc).t());
   out.addmm_(xa, lora_B.to(acc).t(), 1.0, scaling);
   if (lora_bias.has_value()) out.add_(lora_bias->to(acc), scaling);

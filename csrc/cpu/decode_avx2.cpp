@@ -1,0 +1,221 @@
+// AVX2/FMA/F16C few-token kernels, picked at run time when the CPU has them (decode_cpu.cpp holds
+// the portable fallbacks and the threading). Every output is reduced in a fixed order by one
+// thread, so results do not depend on the thread count.
+#include <cstdint>
+
+#include "cpu/decode_simd.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+namespace aqlm_lora::cpu::simd {
+namespace {
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// Eight consecutive codes as int32 lanes (zero-extended: the mask below then takes mod 2**nbits).
+inline __m256i load8_codes(const int8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i load8_codes(const int16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline uint32_t code_at(const int8_t* p) { return static_cast<uint8_t>(*p); }
+inline uint32_t code_at(const int16_t* p) { return static_cast<uint16_t>(*p); }
+
+// Eight codebook values as floats, from float, half or bfloat16 storage.
+template <CodebookType T>
+inline __m256 load8_codebook(const void* base, int64_t index) {
+  if constexpr (T == CodebookType::kFloat) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + index);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + index));
+    if constexpr (T == CodebookType::kHalf) {
+      return _mm256_cvtph_ps(h);
+    } else {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+// Single token, out_group 1: each row sums I*C table entries, eight per AVX2 gather, four rows
+// at a time so four gathers are in flight.
+template <typename code_t>
+void lut_rows_n1(const DecodeProblem& p, const float* lut, int64_t o_begin, int64_t o_end) {
+  constexpr int64_t kRows = 4;
+  const code_t* codes = static_cast<const code_t*>(p.codes);
+  const int64_t K = p.codebook_size, J = p.in_groups * p.num_codebooks;
+  const uint32_t mask = static_cast<uint32_t>(K - 1);
+  const __m256i vmask = _mm256_set1_epi32(static_cast<int32_t>(mask));
+  const __m256i lane_base = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32(static_cast<int32_t>(K)));
+  const __m256i step = _mm256_set1_epi32(static_cast<int32_t>(8 * K));
+  const int64_t j_vec = J - J % 8;
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += kRows) {
+    const int64_t rows = o_end - o0 < kRows ? o_end - o0 : kRows;
+    __m256 acc[kRows] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256i base = lane_base;
+    for (int64_t j = 0; j < j_vec; j += 8) {
+      for (int64_t r = 0; r < kRows; ++r) {
+        if (r < rows) {
+          const __m256i idx = _mm256_add_epi32(_mm256_and_si256(load8_codes(codes + (o0 + r) * J + j), vmask), base);
+          acc[r] = _mm256_add_ps(acc[r], _mm256_i32gather_ps(lut, idx, 4));
+        }
+      }
+      base = _mm256_add_epi32(base, step);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float sum = hsum(acc[r]);
+      for (int64_t j = j_vec; j < J; ++j) sum += lut[j * K + (code_at(codes + (o0 + r) * J + j) & mask)];
+      p.y[o0 + r] = p.scales[o0 + r] * sum;
+    }
+  }
+}
+
+// Several tokens or out_group > 1: each code selects a run of width = og * N table entries.
+template <typename code_t>
+void lut_rows_wide(const DecodeProblem& p, const float* lut, int64_t o_begin, int64_t o_end) {
+  const code_t* codes = static_cast<const code_t*>(p.codes);
+  const int64_t K = p.codebook_size, J = p.in_groups * p.num_codebooks, N = p.n_rows, og = p.out_group;
+  const int64_t width = og * N, out = p.out_groups * og;
+  const uint32_t mask = static_cast<uint32_t>(K - 1);
+  float acc[64];
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    for (int64_t w = 0; w < width; ++w) acc[w] = 0.f;
+    const code_t* cp = codes + o * J;
+    for (int64_t j = 0; j < J; ++j) {
+      const float* l = lut + (j * K + (code_at(cp + j) & mask)) * width;
+      for (int64_t w = 0; w < width; ++w) acc[w] += l[w];
+    }
+    const float s = p.scales[o];
+    for (int64_t a = 0; a < og; ++a)
+      for (int64_t n = 0; n < N; ++n) p.y[n * out + o * og + a] = s * acc[a * N + n];
+  }
+}
+
+template <CodebookType T, typename code_t, int kN>
+void gather_rows(const DecodeProblem& p, const void* codebooks, int64_t o_begin, int64_t o_end) {
+  // One token: four rows in flight; several tokens: one row, kN accumulators.
+  constexpr int64_t kRows = kN == 1 ? 4 : 1;
+  const code_t* codes = static_cast<const code_t*>(p.codes);
+  const int64_t I = p.in_groups, C = p.num_codebooks, K = p.codebook_size;
+  const int64_t in = I * 8, out = p.out_groups;
+  const uint32_t mask = static_cast<uint32_t>(K - 1);
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += kRows) {
+    const int64_t rows = o_end - o0 < kRows ? o_end - o0 : kRows;
+    __m256 acc[kRows][kN];
+    for (int64_t r = 0; r < kRows; ++r)
+      for (int n = 0; n < kN; ++n) acc[r][n] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < I; ++i) {
+      __m256 xv[kN];
+      for (int n = 0; n < kN; ++n) xv[n] = _mm256_loadu_ps(p.x + n * in + i * 8);
+      for (int64_t r = 0; r < kRows; ++r) {
+        if (r < rows) {
+          const code_t* cp = codes + ((o0 + r) * I + i) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const __m256 v = load8_codebook<T>(codebooks, (c * K + (code_at(cp + c) & mask)) * 8);
+            for (int n = 0; n < kN; ++n) acc[r][n] = _mm256_fmadd_ps(v, xv[n], acc[r][n]);
+          }
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float s = p.scales[o0 + r];
+      for (int n = 0; n < kN; ++n) p.y[n * out + o0 + r] = s * hsum(acc[r][n]);
+    }
+  }
+}
+
+template <CodebookType T, typename code_t>
+void gather_rows_n(const DecodeProblem& p, const void* cb, int64_t o_begin, int64_t o_end) {
+  switch (p.n_rows) {
+    case 1: return gather_rows<T, code_t, 1>(p, cb, o_begin, o_end);
+    case 2: return gather_rows<T, code_t, 2>(p, cb, o_begin, o_end);
+    case 3: return gather_rows<T, code_t, 3>(p, cb, o_begin, o_end);
+    case 4: return gather_rows<T, code_t, 4>(p, cb, o_begin, o_end);
+    case 5: return gather_rows<T, code_t, 5>(p, cb, o_begin, o_end);
+    case 6: return gather_rows<T, code_t, 6>(p, cb, o_begin, o_end);
+    case 7: return gather_rows<T, code_t, 7>(p, cb, o_begin, o_end);
+    default: return gather_rows<T, code_t, 8>(p, cb, o_begin, o_end);
+  }
+}
+
+template <CodebookType T>
+void gather_rows_codes(const DecodeProblem& p, const void* cb, int64_t o_begin, int64_t o_end) {
+  if (p.codes_int16) return gather_rows_n<T, int16_t>(p, cb, o_begin, o_end);
+  return gather_rows_n<T, int8_t>(p, cb, o_begin, o_end);
+}
+
+}  // namespace
+
+bool avx2_supported() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+void build_lut_avx2(const DecodeProblem& p, const float* cb_t, int64_t i_begin, int64_t i_end, float* lut) {
+  const int64_t C = p.num_codebooks, K = p.codebook_size, og = p.out_group, ig = p.in_group, N = p.n_rows;
+  const int64_t in = p.in_groups * ig, width = og * N;
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    for (int64_t c = 0; c < C; ++c) {
+      float* dst = lut + (i * C + c) * K * width;
+      for (int64_t a = 0; a < og; ++a) {
+        const float* rows = cb_t + (c * og + a) * ig * K;  // [ig][K]
+        for (int64_t n = 0; n < N; ++n) {
+          const float* xg = p.x + n * in + i * ig;
+          for (int64_t k = 0; k < K; k += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t b = 0; b < ig; ++b)
+              acc = _mm256_fmadd_ps(_mm256_loadu_ps(rows + b * K + k), _mm256_set1_ps(xg[b]), acc);
+            if (width == 1) {
+              _mm256_storeu_ps(dst + k, acc);
+            } else {
+              alignas(32) float lanes[8];
+              _mm256_store_ps(lanes, acc);
+              for (int t = 0; t < 8; ++t) dst[(k + t) * width + a * N + n] = lanes[t];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void lut_rows_avx2(const DecodeProblem& p, const float* lut, int64_t o_begin, int64_t o_end) {
+  if (p.out_group * p.n_rows == 1) {
+    if (p.codes_int16) return lut_rows_n1<int16_t>(p, lut, o_begin, o_end);
+    return lut_rows_n1<int8_t>(p, lut, o_begin, o_end);
+  }
+  if (p.codes_int16) return lut_rows_wide<int16_t>(p, lut, o_begin, o_end);
+  return lut_rows_wide<int8_t>(p, lut, o_begin, o_end);
+}
+
+void gather_rows_avx2(const DecodeProblem& p, const void* codebooks, CodebookType type, int64_t o_begin,
+                      int64_t o_end) {
+  switch (type) {
+    case CodebookType::kFloat: return gather_rows_codes<CodebookType::kFloat>(p, codebooks, o_begin, o_end);
+    case CodebookType::kHalf: return gather_rows_codes<CodebookType::kHalf>(p, codebooks, o_begin, o_end);
+    case CodebookType::kBFloat16: return gather_rows_codes<CodebookType::kBFloat16>(p, codebooks, o_begin, o_end);
+  }
+}
+
+}  // namespace aqlm_lora::cpu::simd
+
+#pragma GCC pop_options
+
+#else  // not x86-64: only the portable kernels exist
+
+namespace aqlm_lora::cpu::simd {
+bool avx2_supported() { return false; }
+void build_lut_avx2(const DecodeProblem&, const float*, int64_t, int64_t, float*) {}
+void lut_rows_avx2(const DecodeProblem&, const float*, int64_t, int64_t) {}
+void gather_rows_avx2(const DecodeProblem&, const void*, CodebookType, int64_t, int64_t) {}
+}  // namespace aqlm_lora::cpu::simd
+
+#endif

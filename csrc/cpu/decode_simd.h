@@ -1,0 +1,34 @@
+// Interface of the AVX2/FMA/F16C few-token kernels (decode_avx2.cpp). Plain types only: that file
+// is compiled for AVX2, so it must not instantiate ATen's inline code (which other files share).
+#pragma once
+
+#include <cstdint>
+
+namespace aqlm_lora::cpu::simd {
+
+enum class CodebookType { kFloat, kHalf, kBFloat16 };
+
+// One few-token matmul y[n, o*og + a] = x[n] . W[o*og + a] with float accumulation.
+struct DecodeProblem {
+  const void* codes;  // [O, I, C], int8 or int16
+  bool codes_int16;
+  int64_t out_groups, in_groups, num_codebooks, codebook_size, out_group, in_group;
+  const float* scales;  // [O]
+  const float* x;       // [N, in]
+  int64_t n_rows;
+  float* y;  // [N, out]
+};
+
+bool avx2_supported();
+
+// Lookup-table path (nbits <= 8). lut layout: [(i * C + c) * K + k][a * N + n].
+// cb_t is the codebook transposed to [C][og][ig][K] in float; needs K % 8 == 0.
+void build_lut_avx2(const DecodeProblem& p, const float* cb_t, int64_t i_begin, int64_t i_end, float* lut);
+void lut_rows_avx2(const DecodeProblem& p, const float* lut, int64_t o_begin, int64_t o_end);
+
+// Codebook-gather path (any nbits) for out_group 1, in_group 8 and N <= 8, reading the codebooks
+// [C, K, 1, 8] in their own dtype.
+void gather_rows_avx2(const DecodeProblem& p, const void* codebooks, CodebookType type, int64_t o_begin,
+                      int64_t o_end);
+
+}  // namespace aqlm_lora::cpu::simd

@@ -1,0 +1,351 @@
+// Decode GEMV kernels (few tokens): y[n, row] = x[n] . W[row] + bias[row] + s * xa[n] . lora_B[row].
+//
+// One warp per output row (grid-stride over rows); its lanes walk the in-groups (or the columns),
+// decode each code once and FMA the codebook row with all N <= kDecodeMaxTokens tokens, so the
+// codes (the bulk of the bytes) are read once per call whatever N is. x is float32 (converted by
+// the caller); the epilogue adds scale, bias and the LoRA expand and stores in the output dtype.
+//
+//   gemv_ig8_global_kernel  in_group 8, codebook rows gathered from global memory through the
+//                           read-only cache / L2 (1x16: 65536 x 8 halves = 1 MiB stays in L2);
+//                           4 in-groups per lane in flight to hide the gather latency.
+//   gemv_ig8_smem_kernel    in_group 8, nbits <= 8: all codebooks staged in shared memory as
+//                           float32 (2x8 g8: 16 KiB), when they fit; else the global kernel.
+//   gemv_generic_kernel     any num_codebooks / nbits / out_group / in_group: lanes walk columns.
+//
+// lora_shrink_kernel computes xa = dropout(x) A^T (float32, one warp per (token, rank) pair),
+// regenerating the Philox mask on the fly; the GEMV epilogue then adds s * xa . lora_B[row].
+#include "../philox.h"
+#include "kernels.cuh"
+
+namespace aqlm_lora {
+namespace cuda {
+namespace {
+
+constexpr int kGemvThreads = 256;
+constexpr int kWarpsPerBlock = kGemvThreads / 32;
+// Largest token count one kernel instantiation handles (NT = 1 or NT = 8).
+constexpr int kMaxNT = 8;
+static_assert(kDecodeMaxTokens >= 1 && kDecodeMaxTokens <= kMaxNT, "decode kernels handle at most 8 tokens");
+
+struct GemvArgs {
+  const float* x;  // [N, in] float32, 16-byte aligned rows (in is a multiple of 8 on the ig8 kernels)
+  int64_t n_tokens, in_features, out_features;
+  int64_t in_groups, num_codebooks, codebook_size, out_group, in_group;
+  uint32_t mask;  // codebook_size - 1
+  const void* codes;      // [O, I, C] int8/int16
+  const void* codebooks;  // [C, K, og, ig]
+  const float* scales;    // [O]
+  const float* bias;      // [out] or nullptr (already includes scaling * lora_bias)
+  const float* xa;        // [N, r] or nullptr when there is no LoRA term
+  const void* lora_B;     // [out, r]
+  FloatKind lora_B_kind;
+  int64_t rank;
+  float scaling;
+  void* y;  // [N, out]
+  FloatKind y_kind;
+};
+
+// Warp index / count of a grid-stride loop over rows (one warp per row).
+__device__ __forceinline__ int64_t global_warp() {
+  return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+}
+__device__ __forceinline__ int64_t warp_count() { return (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5; }
+
+// acc[n]: this lane's partial x[n] . (W[row] / scale). All lanes of the warp call it together.
+template <int NT>
+__device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, int64_t row, int64_t o, int lane,
+                                              const float (&acc)[NT]) {
+  const float s = a.scales[o];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    if (NT > 1 && n >= a.n_tokens) break;  // uniform over the warp
+    float v = acc[n] * s;
+    if (a.xa != nullptr) {
+      float l = 0.f;
+      for (int64_t j = lane; j < a.rank; j += 32) {
+        l += a.xa[n * a.rank + j] * load_as_float(a.lora_B, row * a.rank + j, a.lora_B_kind);
+      }
+      v += a.scaling * l;
+    }
+    v = warp_sum(v);
+    if (lane == 0) {
+      if (a.bias != nullptr) v += a.bias[row];
+      store_from_float(a.y, n * a.out_features + row, v, a.y_kind);
+    }
+  }
+}
+
+// acc[n] += w . x[n, 8 i : 8 i + 8]
+template <int NT>
+__device__ __forceinline__ void fma_tokens8(const GemvArgs& a, int64_t i, const float (&w)[8], float (&acc)[NT]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    if (NT == 1 || n < a.n_tokens) {
+      float xv[8];
+      load8_ldg(a.x + n * a.in_features + i * 8, xv);
+#pragma unroll
+      for (int b = 0; b < 8; ++b) acc[n] = fmaf(w[b], xv[b], acc[n]);
+    }
+  }
+}
+
+template <typename cb_t, typename code_t, int NT, bool kOneCodebook>
+__global__ void __launch_bounds__(kGemvThreads) gemv_ig8_global_kernel(const GemvArgs a) {
+  constexpr int kUnroll = 4;  // in-groups per lane in flight
+  const int lane = threadIdx.x & 31;
+  const code_t* codes = static_cast<const code_t*>(a.codes);
+  const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
+  const int64_t C = kOneCodebook ? 1 : a.num_codebooks;
+  for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
+    const int64_t o = row / a.out_group;
+    const int64_t sub = row - o * a.out_group;
+    const code_t* crow = codes + o * a.in_groups * C;
+    float acc[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n] = 0.f;
+    for (int64_t i0 = lane; i0 < a.in_groups; i0 += 32 * kUnroll) {
+      float w[kUnroll][8];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int b = 0; b < 8; ++b) w[u][b] = 0.f;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        uint32_t idx[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t i = i0 + u * 32;
+          // Out-of-range groups read codebook row 0 (a valid address) and are never used.
+          idx[u] = i < a.in_groups ? code_index(crow[i * C + c], a.mask) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          float v[8];
+          load8_ldg(cb + ((c * a.codebook_size + idx[u]) * a.out_group + sub) * 8, v);
+#pragma unroll
+          for (int b = 0; b < 8; ++b) w[u][b] += v[b];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = i0 + u * 32;
+        if (i < a.in_groups) fma_tokens8<NT>(a, i, w[u], acc);
+      }
+    }
+    gemv_epilogue<NT>(a, row, o, lane, acc);
+  }
+}
+
+template <typename cb_t, typename code_t, int NT>
+__global__ void __launch_bounds__(kGemvThreads) gemv_ig8_smem_kernel(const GemvArgs a) {
+  extern __shared__ float4 gemv_smem[];
+  float* books = reinterpret_cast<float*>(gemv_smem);  // [C, K, og, 8] float32
+  const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
+  const int64_t book_elems = a.num_codebooks * a.codebook_size * a.out_group * 8;
+  for (int64_t e = threadIdx.x; e < book_elems; e += blockDim.x) books[e] = static_cast<float>(cb[e]);
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31;
+  const code_t* codes = static_cast<const code_t*>(a.codes);
+  const int64_t C = a.num_codebooks;
+  for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
+    const int64_t o = row / a.out_group;
+    const int64_t sub = row - o * a.out_group;
+    const code_t* crow = codes + o * a.in_groups * C;
+    float acc[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n] = 0.f;
+    for (int64_t i = lane; i < a.in_groups; i += 32) {
+      float w[8];
+#pragma unroll
+      for (int b = 0; b < 8; ++b) w[b] = 0.f;
+      for (int64_t c = 0; c < C; ++c) {
+        const uint32_t idx = code_index(crow[i * C + c], a.mask);
+        const float4* src = reinterpret_cast<const float4*>(books + ((c * a.codebook_size + idx) * a.out_group + sub) * 8);
+        const float4 lo = src[0], hi = src[1];
+        w[0] += lo.x; w[1] += lo.y; w[2] += lo.z; w[3] += lo.w;
+        w[4] += hi.x; w[5] += hi.y; w[6] += hi.z; w[7] += hi.w;
+      }
+      fma_tokens8<NT>(a, i, w, acc);
+    }
+    gemv_epilogue<NT>(a, row, o, lane, acc);
+  }
+}
+
+template <typename cb_t, typename code_t, int NT>
+__global__ void __launch_bounds__(kGemvThreads) gemv_generic_kernel(const GemvArgs a) {
+  const int lane = threadIdx.x & 31;
+  const code_t* codes = static_cast<const code_t*>(a.codes);
+  const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
+  const int64_t C = a.num_codebooks;
+  for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
+    const int64_t o = row / a.out_group;
+    const int64_t sub = row - o * a.out_group;
+    const code_t* crow = codes + o * a.in_groups * C;
+    float acc[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n] = 0.f;
+    for (int64_t k = lane; k < a.in_features; k += 32) {
+      const int64_t i = k / a.in_group;
+      const int64_t b = k - i * a.in_group;
+      float w = 0.f;
+      for (int64_t c = 0; c < C; ++c) {
+        const uint32_t idx = code_index(crow[i * C + c], a.mask);
+        w += static_cast<float>(cb[((c * a.codebook_size + idx) * a.out_group + sub) * a.in_group + b]);
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        if (NT == 1 || n < a.n_tokens) acc[n] = fmaf(w, a.x[n * a.in_features + k], acc[n]);
+      }
+    }
+    gemv_epilogue<NT>(a, row, o, lane, acc);
+  }
+}
+
+// xa[n, j] = sum_k (x[n, k] * keep(n*in + k) / (1 - p)) * A[j, k]; one warp per (n, j).
+template <typename a_t>
+__global__ void __launch_bounds__(kGemvThreads)
+    lora_shrink_kernel(const float* __restrict__ x, int64_t n_tokens, int64_t in_features,
+                       const a_t* __restrict__ lora_A, int64_t rank, float* __restrict__ xa, bool dropout,
+                       float p, float one_minus_p, uint64_t seed, uint64_t offset) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t t = global_warp(); t < n_tokens * rank; t += warp_count()) {
+    const int64_t n = t / rank;
+    const int64_t j = t - n * rank;
+    float acc = 0.f;
+    for (int64_t k = lane; k < in_features; k += 32) {
+      const int64_t index = n * in_features + k;  // row-major position in the [N, in] input
+      float xv = x[index];
+      if (dropout) xv = (xv * (dropout_keep(seed, offset, static_cast<uint64_t>(index), p) ? 1.f : 0.f)) / one_minus_p;
+      acc = fmaf(xv, static_cast<float>(lora_A[j * in_features + k]), acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) xa[t] = acc;
+  }
+}
+
+template <typename F>
+void dispatch_nt(int64_t n_tokens, F&& f) {
+  if (n_tokens == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    f(std::integral_constant<int, kMaxNT>{});
+  }
+}
+
+}  // namespace
+
+bool decode_supported(at::ScalarType input, at::ScalarType codebooks) {
+  return is_single_or_half(input) && is_single_or_half(codebooks);
+}
+
+void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, uint64_t seed, uint64_t offset,
+                 const at::Tensor& xa) {
+  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2);
+  TORCH_INTERNAL_ASSERT(lora_A.is_contiguous() && lora_A.dim() == 2 && lora_A.size(1) == x.size(1));
+  TORCH_INTERNAL_ASSERT(xa.scalar_type() == at::kFloat && xa.is_contiguous() && xa.size(0) == x.size(0) &&
+                        xa.size(1) == lora_A.size(0));
+  const int64_t n_tokens = x.size(0), in_features = x.size(1), rank = lora_A.size(0);
+  if (n_tokens * rank == 0) return;
+  const unsigned grid = grid_for(n_tokens * rank, kWarpsPerBlock, 8);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool dropout = dropout_p > 0.0;
+  dispatch_float_single(lora_A.scalar_type(), "lora_A", [&](auto tag) {
+    using a_t = decltype(tag);
+    lora_shrink_kernel<a_t><<<grid, kGemvThreads, 0, stream>>>(
+        x.data_ptr<float>(), n_tokens, in_features, lora_A.data_ptr<a_t>(), rank, xa.data_ptr<float>(), dropout,
+        static_cast<float>(dropout_p), static_cast<float>(1.0 - dropout_p), seed, offset);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias, const at::Tensor& xa,
+                 const at::Tensor& lora_B, float scaling, const at::Tensor& y) {
+  const AqlmDims& d = w.d;
+  const int64_t n_tokens = x.size(0);
+  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
+                        x.size(1) == d.in_features() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
+  TORCH_INTERNAL_ASSERT(n_tokens >= 0 && n_tokens <= kDecodeMaxTokens);
+  TORCH_INTERNAL_ASSERT(y.is_contiguous() && y.size(0) == n_tokens && y.size(1) == d.out_features());
+  TORCH_INTERNAL_ASSERT(!bias.defined() || (bias.scalar_type() == at::kFloat && bias.is_contiguous()));
+  if (n_tokens == 0 || d.out_features() == 0) return;
+
+  const at::Tensor scales = w.scales.to(at::kFloat).contiguous();
+  GemvArgs a{};
+  a.x = x.data_ptr<float>();
+  a.n_tokens = n_tokens;
+  a.in_features = d.in_features();
+  a.out_features = d.out_features();
+  a.in_groups = d.in_groups;
+  a.num_codebooks = d.num_codebooks;
+  a.codebook_size = d.codebook_size;
+  a.out_group = d.out_group;
+  a.in_group = d.in_group;
+  a.mask = w.code_mask();
+  a.codes = w.codes.data_ptr();
+  a.codebooks = w.codebooks.data_ptr();
+  a.scales = scales.data_ptr<float>();
+  a.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const bool lora = xa.defined() && xa.size(1) > 0;
+  if (lora) {
+    TORCH_INTERNAL_ASSERT(xa.scalar_type() == at::kFloat && xa.is_contiguous() && xa.size(0) == n_tokens);
+    TORCH_INTERNAL_ASSERT(lora_B.is_contiguous() && lora_B.size(0) == d.out_features() &&
+                          lora_B.size(1) == xa.size(1));
+    a.xa = xa.data_ptr<float>();
+    a.lora_B = lora_B.data_ptr();
+    a.lora_B_kind = float_kind(lora_B.scalar_type());
+    a.rank = xa.size(1);
+    a.scaling = scaling;
+  } else {
+    a.xa = nullptr;
+    a.lora_B = nullptr;
+    a.lora_B_kind = FloatKind::kF32;
+    a.rank = 0;
+    a.scaling = 0.f;
+  }
+  a.y = y.data_ptr();
+  a.y_kind = float_kind(y.scalar_type());
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t rows = d.out_features();
+  const bool ig8 = d.in_group == 8 && reinterpret_cast<uintptr_t>(w.codebooks.data_ptr()) % 16 == 0;
+  const int64_t smem_bytes =
+      d.num_codebooks * d.codebook_size * d.out_group * 8 * static_cast<int64_t>(sizeof(float));
+  const bool smem_fits = smem_bytes <= static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  constexpr int64_t kDefaultSmem = 48 * 1024;  // above this a kernel must opt in
+
+  dispatch_float_single(w.codebooks.scalar_type(), "codebooks", [&](auto cb_tag) {
+    using cb_t = decltype(cb_tag);
+    dispatch_code(w.codes.scalar_type(), [&](auto code_tag) {
+      using code_t = decltype(code_tag);
+      dispatch_nt(n_tokens, [&](auto nt_tag) {
+        constexpr int NT = decltype(nt_tag)::value;
+        if (ig8 && d.nbits <= 8 && smem_fits) {
+          auto kernel = gemv_ig8_smem_kernel<cb_t, code_t, NT>;
+          if (smem_bytes > kDefaultSmem) {
+            C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(smem_bytes)));
+          }
+          // Fewer blocks than rows / 8: each block stages the codebooks once for several rows.
+          const unsigned grid = grid_for(rows, kWarpsPerBlock, 2);
+          kernel<<<grid, kGemvThreads, static_cast<size_t>(smem_bytes), stream>>>(a);
+        } else if (ig8) {
+          const unsigned grid = grid_for(rows, kWarpsPerBlock, 8);
+          if (d.num_codebooks == 1) {
+            gemv_ig8_global_kernel<cb_t, code_t, NT, true><<<grid, kGemvThreads, 0, stream>>>(a);
+          } else {
+            gemv_ig8_global_kernel<cb_t, code_t, NT, false><<<grid, kGemvThreads, 0, stream>>>(a);
+          }
+        } else {
+          const unsigned grid = grid_for(rows, kWarpsPerBlock, 8);
+          gemv_generic_kernel<cb_t, code_t, NT><<<grid, kGemvThreads, 0, stream>>>(a);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace aqlm_lora

@@ -1,0 +1,51 @@
+// Host launchers of the aqlm_lora CUDA kernels; ops_cuda.cu composes them into the six ops.
+// Every launcher runs on the current stream, launches nothing for empty work, and checks the
+// launch. None synchronises with the host.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace aqlm_lora {
+namespace cuda {
+
+// ---- dequant.cu ---------------------------------------------------------------------------------
+// Writes the block of W made of rows [row0, row0 + nrows) and in-groups [group0, group0 + ngroups)
+// into `tile` ([nrows, ngroups * in_group], contiguous, 16-byte aligned, any float dtype),
+// accumulating in float32 (float64 when the tile or the codebooks are float64).
+void dequantize_tile(const WeightRef& w, int64_t row0, int64_t nrows, int64_t group0, int64_t ngroups,
+                     const at::Tensor& tile);
+
+// ---- gemv.cu ------------------------------------------------------------------------------------
+// Up to this many tokens use the decode GEMV kernels (which read each code once for all tokens);
+// more use dequantized tiles + cuBLAS. NOT YET MEASURED ON HARDWARE: 8 is a guess from the
+// design notes (decode is 1-8 tokens per call); tune it with benchmarks/bench_cuda.py.
+constexpr int64_t kDecodeMaxTokens = 8;
+
+// Whether the decode kernels handle these dtypes (no float64 variant; float64 takes tiles + cuBLAS).
+bool decode_supported(at::ScalarType input, at::ScalarType codebooks);
+
+// xa[n, j] = sum_k dropout(x)[n, k] * lora_A[j, k] in float32. x: [N, in] float32 contiguous;
+// lora_A: [r, in] float32/float16/bfloat16 contiguous; xa: [N, r] float32 contiguous.
+void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, uint64_t seed, uint64_t offset,
+                 const at::Tensor& xa);
+
+// y[n, row] = x[n] . W[row] + bias[row] + scaling * xa[n] . lora_B[row], one warp per output row,
+// every code read once for all N <= kDecodeMaxTokens tokens. x: [N, in] float32, 16-byte aligned;
+// bias: float32 [out] or undefined; xa: float32 [N, r] or undefined (no LoRA); lora_B: [out, r]
+// contiguous float32/16/bf16; y: [N, out] contiguous float32/16/bf16.
+void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias, const at::Tensor& xa,
+                 const at::Tensor& lora_B, float scaling, const at::Tensor& y);
+
+// ---- dropout.cu ---------------------------------------------------------------------------------
+// mask[i] = dropout_keep(seed, offset, i, p) for every element of the contiguous bool `mask`.
+void dropout_mask_fill(const at::Tensor& mask, double dropout_p, uint64_t seed, uint64_t offset);
+
+// t[i] = t[i] * keep(i) / (1 - p) in place, i = row-major position (t contiguous, any float dtype).
+void dropout_scale_inplace(const at::Tensor& t, double dropout_p, uint64_t seed, uint64_t offset);
+
+}  // namespace cuda
+}  // namespace aqlm_lora
