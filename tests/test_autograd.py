@@ -133,3 +133,37 @@ def test_torch_compile_fullgraph(dropout_p, device):
     torch.testing.assert_close(loss, eager_loss)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grad_mode_on_gemm_path_with_threads(threads):
+    """Worker threads must not record autograd (they do not inherit the caller's dispatch state)."""
+    w = make_weight(SCHEMES[0], 256, 64, bias=True)  # several row blocks, GEMM path
+    x = torch.randn(48, 64, requires_grad=True)
+    lora_A = torch.randn(4, 64, requires_grad=True)
+    lora_B = torch.randn(256, 4, requires_grad=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = aqlm_lora.aqlm_lora_linear(x, *w.args(), w.bias, lora_A, lora_B, 0.5)
+        out.sum().backward()
+        base = aqlm_lora.aqlm_linear(x, *w.args(), w.bias)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_fp32(base, ref.aqlm_gemm(x.detach(), *w.args(), w.bias))
+    assert x.grad is not None and lora_A.grad is not None and lora_B.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_ops_ignore_autocast(dtype):
+    """Under autocast the ops compute in their inputs' dtypes, exactly as without it."""
+    w = make_weight(SCHEMES[1], 64, 64, bias=True)
+    x = torch.randn(20, 64, requires_grad=True)
+    lora_A = torch.randn(4, 64, requires_grad=True)
+    lora_B = torch.randn(64, 4, requires_grad=True)
+    plain = aqlm_lora.aqlm_lora_linear(x, *w.args(), w.bias, lora_A, lora_B, 0.5)
+    with torch.autocast("cpu", dtype=dtype):
+        auto = aqlm_lora.aqlm_lora_linear(x, *w.args(), w.bias, lora_A, lora_B, 0.5)
+        auto.sum().backward()
+    torch.testing.assert_close(auto, plain, rtol=0, atol=0)
+    assert lora_A.grad.dtype == torch.float32

@@ -45,27 +45,31 @@ inline __m256 load8_codebook(const void* base, int64_t index) {
   }
 }
 
-// Single token, out_group 1: each row sums I*C table entries, eight per AVX2 gather, four rows
-// at a time so four gathers are in flight.
+// Single token, out_group 1: partial[o] += the I*C table entries its codes pick in groups
+// [i_begin, i_end), eight per AVX2 gather, four rows at a time so four gathers are in flight.
 template <typename code_t>
-void lut_rows_n1(const DecodeProblem& p, const float* lut, int64_t o_begin, int64_t o_end) {
+void lut_partial_n1(const DecodeProblem& p, const float* lut, int64_t i_begin, int64_t i_end, int64_t o_begin,
+                    int64_t o_end, float* partial) {
   constexpr int64_t kRows = 4;
   const code_t* codes = static_cast<const code_t*>(p.codes);
-  const int64_t K = p.codebook_size, J = p.in_groups * p.num_codebooks;
+  const int64_t K = p.codebook_size, C = p.num_codebooks, J = p.in_groups * C;
+  const int64_t j_begin = i_begin * C, j_count = (i_end - i_begin) * C;
   const uint32_t mask = static_cast<uint32_t>(K - 1);
   const __m256i vmask = _mm256_set1_epi32(static_cast<int32_t>(mask));
   const __m256i lane_base = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                                _mm256_set1_epi32(static_cast<int32_t>(K)));
   const __m256i step = _mm256_set1_epi32(static_cast<int32_t>(8 * K));
-  const int64_t j_vec = J - J % 8;
+  const int64_t j_vec = j_count - j_count % 8;
   for (int64_t o0 = o_begin; o0 < o_end; o0 += kRows) {
     const int64_t rows = o_end - o0 < kRows ? o_end - o0 : kRows;
-    __m256 acc[kRows] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[kRows];
+    for (int64_t r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
     __m256i base = lane_base;
     for (int64_t j = 0; j < j_vec; j += 8) {
       for (int64_t r = 0; r < kRows; ++r) {
         if (r < rows) {
-          const __m256i idx = _mm256_add_epi32(_mm256_and_si256(load8_codes(codes + (o0 + r) * J + j), vmask), base);
+          const code_t* cp = codes + (o0 + r) * J + j_begin + j;
+          const __m256i idx = _mm256_add_epi32(_mm256_and_si256(load8_codes(cp), vmask), base);
           acc[r] = _mm256_add_ps(acc[r], _mm256_i32gather_ps(lut, idx, 4));
         }
       }
@@ -73,8 +77,9 @@ void lut_rows_n1(const DecodeProblem& p, const float* lut, int64_t o_begin, int6
     }
     for (int64_t r = 0; r < rows; ++r) {
       float sum = hsum(acc[r]);
-      for (int64_t j = j_vec; j < J; ++j) sum += lut[j * K + (code_at(codes + (o0 + r) * J + j) & mask)];
-      p.y[o0 + r] = p.scales[o0 + r] * sum;
+      const code_t* cp = codes + (o0 + r) * J + j_begin;
+      for (int64_t j = j_vec; j < j_count; ++j) sum += lut[j * K + (code_at(cp + j) & mask)];
+      partial[o0 + r] += sum;
     }
   }
 }
@@ -100,36 +105,25 @@ void lut_rows_wide(const DecodeProblem& p, const float* lut, int64_t o_begin, in
   }
 }
 
+// kN tokens, one output row at a time: kN accumulators (more rows in flight measured slower).
 template <CodebookType T, typename code_t, int kN>
 void gather_rows(const DecodeProblem& p, const void* codebooks, int64_t o_begin, int64_t o_end) {
-  // One token: four rows in flight; several tokens: one row, kN accumulators.
-  constexpr int64_t kRows = kN == 1 ? 4 : 1;
   const code_t* codes = static_cast<const code_t*>(p.codes);
   const int64_t I = p.in_groups, C = p.num_codebooks, K = p.codebook_size;
   const int64_t in = I * 8, out = p.out_groups;
   const uint32_t mask = static_cast<uint32_t>(K - 1);
-  for (int64_t o0 = o_begin; o0 < o_end; o0 += kRows) {
-    const int64_t rows = o_end - o0 < kRows ? o_end - o0 : kRows;
-    __m256 acc[kRows][kN];
-    for (int64_t r = 0; r < kRows; ++r)
-      for (int n = 0; n < kN; ++n) acc[r][n] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < I; ++i) {
-      __m256 xv[kN];
-      for (int n = 0; n < kN; ++n) xv[n] = _mm256_loadu_ps(p.x + n * in + i * 8);
-      for (int64_t r = 0; r < kRows; ++r) {
-        if (r < rows) {
-          const code_t* cp = codes + ((o0 + r) * I + i) * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const __m256 v = load8_codebook<T>(codebooks, (c * K + (code_at(cp + c) & mask)) * 8);
-            for (int n = 0; n < kN; ++n) acc[r][n] = _mm256_fmadd_ps(v, xv[n], acc[r][n]);
-          }
-        }
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    __m256 acc[kN];
+    for (int n = 0; n < kN; ++n) acc[n] = _mm256_setzero_ps();
+    const code_t* cp = codes + o * I * C;
+    for (int64_t i = 0; i < I; ++i, cp += C) {
+      for (int64_t c = 0; c < C; ++c) {
+        const __m256 v = load8_codebook<T>(codebooks, (c * K + (code_at(cp + c) & mask)) * 8);
+        for (int n = 0; n < kN; ++n) acc[n] = _mm256_fmadd_ps(v, _mm256_loadu_ps(p.x + n * in + i * 8), acc[n]);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float s = p.scales[o0 + r];
-      for (int n = 0; n < kN; ++n) p.y[n * out + o0 + r] = s * hsum(acc[r][n]);
-    }
+    const float s = p.scales[o];
+    for (int n = 0; n < kN; ++n) p.y[n * out + o] = s * hsum(acc[n]);
   }
 }
 
@@ -159,12 +153,13 @@ bool avx2_supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-void build_lut_avx2(const DecodeProblem& p, const float* cb_t, int64_t i_begin, int64_t i_end, float* lut) {
+void build_lut_avx2(const DecodeProblem& p, const float* cb_t, int64_t i_base, int64_t i_begin, int64_t i_end,
+                    float* lut) {
   const int64_t C = p.num_codebooks, K = p.codebook_size, og = p.out_group, ig = p.in_group, N = p.n_rows;
   const int64_t in = p.in_groups * ig, width = og * N;
   for (int64_t i = i_begin; i < i_end; ++i) {
     for (int64_t c = 0; c < C; ++c) {
-      float* dst = lut + (i * C + c) * K * width;
+      float* dst = lut + ((i - i_base) * C + c) * K * width;
       for (int64_t a = 0; a < og; ++a) {
         const float* rows = cb_t + (c * og + a) * ig * K;  // [ig][K]
         for (int64_t n = 0; n < N; ++n) {
@@ -187,11 +182,13 @@ void build_lut_avx2(const DecodeProblem& p, const float* cb_t, int64_t i_begin, 
   }
 }
 
+void lut_partial_n1_avx2(const DecodeProblem& p, const float* lut, int64_t i_begin, int64_t i_end, int64_t o_begin,
+                         int64_t o_end, float* partial) {
+  if (p.codes_int16) return lut_partial_n1<int16_t>(p, lut, i_begin, i_end, o_begin, o_end, partial);
+  return lut_partial_n1<int8_t>(p, lut, i_begin, i_end, o_begin, o_end, partial);
+}
+
 void lut_rows_avx2(const DecodeProblem& p, const float* lut, int64_t o_begin, int64_t o_end) {
-  if (p.out_group * p.n_rows == 1) {
-    if (p.codes_int16) return lut_rows_n1<int16_t>(p, lut, o_begin, o_end);
-    return lut_rows_n1<int8_t>(p, lut, o_begin, o_end);
-  }
   if (p.codes_int16) return lut_rows_wide<int16_t>(p, lut, o_begin, o_end);
   return lut_rows_wide<int8_t>(p, lut, o_begin, o_end);
 }
@@ -213,7 +210,8 @@ void gather_rows_avx2(const DecodeProblem& p, const void* codebooks, CodebookTyp
 
 namespace aqlm_lora::cpu::simd {
 bool avx2_supported() { return false; }
-void build_lut_avx2(const DecodeProblem&, const float*, int64_t, int64_t, float*) {}
+void build_lut_avx2(const DecodeProblem&, const float*, int64_t, int64_t, int64_t, float*) {}
+void lut_partial_n1_avx2(const DecodeProblem&, const float*, int64_t, int64_t, int64_t, int64_t, float*) {}
 void lut_rows_avx2(const DecodeProblem&, const float*, int64_t, int64_t) {}
 void gather_rows_avx2(const DecodeProblem&, const void*, CodebookType, int64_t, int64_t) {}
 }  // namespace aqlm_lora::cpu::simd

@@ -23,6 +23,7 @@ constexpr int64_t kRowTile = 8;
 constexpr int64_t kMaxDecodeRows = 8;          // larger batches use dequantize + GEMM
 constexpr int64_t kMaxLutBytes = 8 << 20;      // the table must stay cache-sized
 constexpr int64_t kMaxAccumulators = 64;       // out_group * N outputs summed per output group
+constexpr int64_t kLutChunkBytes = 256 << 10;   // single-token table chunk, well inside L2
 
 template <typename acc_t, typename code_t>
 void build_lut(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, acc_t* lut) {
@@ -152,29 +153,52 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
     case at::kBFloat16: type = simd::CodebookType::kBFloat16; break;
     default: return false;
   }
-  const bool lut = use_lut(d);
-  if (lut ? d.codebook_size % 8 != 0 : (d.out_group != 1 || d.in_group != 8)) return false;
+  // 8-bit codes, one token: a lookup table. Otherwise, for out_group 1 and in_group 8, gathering
+  // codebook rows is faster (the 2x8 codebooks live in L1) and scales better with tokens.
+  const bool gather = d.out_group == 1 && d.in_group == 8 && !(use_lut(d) && n == 1);
+  if (!gather && (!use_lut(d) || d.codebook_size % 8 != 0)) return false;
   const at::Tensor codes_c = codes.contiguous();
   const at::Tensor scales_f = scales.to(at::kFloat).reshape({-1}).contiguous();
   const simd::DecodeProblem p{codes_c.data_ptr(), codes.scalar_type() == at::kShort, d.out_groups, d.in_groups,
                               d.num_codebooks, d.codebook_size, d.out_group, d.in_group,
                               scales_f.data_ptr<float>(), x.data_ptr<float>(), n, out.data_ptr<float>()};
-  if (lut) {
-    // Codebooks transposed to [C, og, ig, K] so the table is built eight entries per FMA.
-    const at::Tensor cb_t = codebooks.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
-    std::vector<float> table(d.in_groups * d.num_codebooks * d.codebook_size * d.out_group * n);
-    at::parallel_for(0, d.in_groups, 8, [&](int64_t i0, int64_t i1) {
-      simd::build_lut_avx2(p, cb_t.data_ptr<float>(), i0, i1, table.data());
-    });
-    at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
-      simd::lut_rows_avx2(p, table.data(), o0, o1);
-    });
-  } else {
+  if (gather) {
     const at::Tensor cb = codebooks.contiguous();
     at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
       simd::gather_rows_avx2(p, cb.data_ptr(), type, o0, o1);
     });
+    return true;
   }
+  // Codebooks transposed to [C, og, ig, K] so the table is built eight entries per FMA.
+  const at::Tensor cb_t = codebooks.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
+  const float* cbt = cb_t.data_ptr<float>();
+  const int64_t entries_per_group = d.num_codebooks * d.codebook_size * d.out_group * n;
+  if (n == 1 && d.out_group == 1) {
+    // The table is built and consumed in chunks of groups that fit in L2 with the streaming codes.
+    const int64_t chunk = std::max<int64_t>(1, kLutChunkBytes / (entries_per_group * 4));
+    std::vector<float> table(std::min(chunk, d.in_groups) * entries_per_group);
+    std::vector<float> partial(d.out_groups, 0.f);
+    for (int64_t c0 = 0; c0 < d.in_groups; c0 += chunk) {
+      const int64_t c1 = std::min(d.in_groups, c0 + chunk);
+      at::parallel_for(c0, c1, 8, [&](int64_t i0, int64_t i1) {
+        simd::build_lut_avx2(p, cbt, c0, i0, i1, table.data());
+      });
+      at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
+        simd::lut_partial_n1_avx2(p, table.data(), c0, c1, o0, o1, partial.data());
+      });
+    }
+    float* y = out.data_ptr<float>();
+    const float* s = scales_f.data_ptr<float>();
+    for (int64_t o = 0; o < d.out_groups; ++o) y[o] = s[o] * partial[o];
+    return true;
+  }
+  std::vector<float> table(d.in_groups * entries_per_group);
+  at::parallel_for(0, d.in_groups, 8, [&](int64_t i0, int64_t i1) {
+    simd::build_lut_avx2(p, cbt, 0, i0, i1, table.data());
+  });
+  at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
+    simd::lut_rows_avx2(p, table.data(), o0, o1);
+  });
   return true;
 }
 

@@ -21,9 +21,15 @@ struct DecodeProblem {
 
 bool avx2_supported();
 
-// Lookup-table path (nbits <= 8). lut layout: [(i * C + c) * K + k][a * N + n].
+// Lookup-table path (nbits <= 8). The table holds groups from i_base on, laid out as
+// [((i - i_base) * C + c) * K + k][a * N + n]; build_lut_avx2 fills groups [i_begin, i_end).
 // cb_t is the codebook transposed to [C][og][ig][K] in float; needs K % 8 == 0.
-void build_lut_avx2(const DecodeProblem& p, const float* cb_t, int64_t i_begin, int64_t i_end, float* lut);
+void build_lut_avx2(const DecodeProblem& p, const float* cb_t, int64_t i_base, int64_t i_begin, int64_t i_end,
+                    float* lut);
+// One token, out_group 1: partial[o] += the table entries of groups [i_begin, i_end) (table base i_begin).
+void lut_partial_n1_avx2(const DecodeProblem& p, const float* lut, int64_t i_begin, int64_t i_end, int64_t o_begin,
+                         int64_t o_end, float* partial);
+// Any N and out_group, whole table (i_base 0): y = scales * sums.
 void lut_rows_avx2(const DecodeProblem& p, const float* lut, int64_t o_begin, int64_t o_end);
 
 // Codebook-gather path (any nbits) for out_group 1, in_group 8 and N <= 8, reading the codebooks

@@ -68,6 +68,7 @@ void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, at::Tensor& 
   const int64_t groups_per_block = std::max<int64_t>(1, kBlockRows / d.out_group);
   const int64_t blocks = (d.out_groups + groups_per_block - 1) / groups_per_block;
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    const PlainAtenCalls plain;
     std::vector<acc_t> buf(groups_per_block * d.out_group * in);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t o0 = b * groups_per_block, o1 = std::min(d.out_groups, o0 + groups_per_block);
@@ -89,6 +90,7 @@ void base_gemm_t(const Weight<acc_t, code_t>& w, const at::Tensor& g, at::Tensor
   const int64_t groups_per_block = std::max<int64_t>(1, kBlockCols / d.in_group);
   const int64_t blocks = (d.in_groups + groups_per_block - 1) / groups_per_block;
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    const PlainAtenCalls plain;
     std::vector<acc_t> buf(out * groups_per_block * d.in_group);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t i0 = b * groups_per_block, i1 = std::min(d.in_groups, i0 + groups_per_block);
@@ -128,6 +130,7 @@ at::Tensor base_forward(const at::Tensor& x, const at::Tensor& codes, const at::
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   const at::ScalarType acc = acc_type(codebooks);
   const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
@@ -145,6 +148,7 @@ at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebooks, 
 
 at::Tensor aqlm_gemm_cpu(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& codebooks,
                          const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   const int64_t n = check_rows(input, "input", d.in_features(), codes);
   check_vector(bias, "bias", d.out_features(), codes);
@@ -156,6 +160,7 @@ at::Tensor aqlm_gemm_cpu(const at::Tensor& input, const at::Tensor& codes, const
 
 at::Tensor aqlm_gemm_t_cpu(const at::Tensor& grad, const at::Tensor& codes, const at::Tensor& codebooks,
                            const at::Tensor& scales) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   const int64_t n = check_rows(grad, "grad", d.out_features(), codes);
   const at::ScalarType acc = acc_type(grad);
@@ -169,6 +174,7 @@ at::Tensor aqlm_gemm_t_cpu(const at::Tensor& grad, const at::Tensor& codes, cons
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& input, double dropout_p, int64_t seed, int64_t offset) {
+  const PlainAtenCalls plain;
   check_dropout(dropout_p);
   at::Tensor mask = at::empty(input.sizes(), input.options().dtype(at::kBool));
   dropout_mask(mask.data_ptr<bool>(), mask.numel(), static_cast<float>(dropout_p), static_cast<uint64_t>(seed),
@@ -182,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& input, con
                                                     const at::Tensor& lora_B,
                                                     const c10::optional<at::Tensor>& lora_bias, double scaling,
                                                     double dropout_p, int64_t seed, int64_t offset) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   const int64_t n = check_rows(input, "input", d.in_features(), codes);
   check_vector(bias, "bias", d.out_features(), codes);
@@ -202,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& xa, const at::Tensor& codes,
     const at::Tensor& codebooks, const at::Tensor& scales, const at::Tensor& lora_A, const at::Tensor& lora_B,
     double scaling, double dropout_p, int64_t seed, int64_t offset, bool input_grad) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   const int64_t n = check_rows(input, "input", d.in_features(), codes);
   const int64_t r = check_lora(lora_A, lora_B, d, codes);
