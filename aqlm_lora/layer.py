@@ -30,6 +30,7 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Optional
 
@@ -181,7 +182,13 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
                 f"{type(self).__name__} implements plain LoRA only; this LoraConfig asks for a LoRA variant "
                 f"(DoRA, aLoRA, VeLoRA, MiCA, Arrow, BD-LoRA, MonteCLoRA, KaSA...): {err}"
             ) from err
+        orthogonal = config.init_lora_weights == "orthogonal"
+        if orthogonal:  # PEFT's path probes the dense base weight first; init it ourselves afterwards
+            config = copy.copy(config)
+            config.init_lora_weights = False
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        if orthogonal:
+            self.orthogonal_init(adapter_name)
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
         # New adapters go to the codebooks' device; their dtype stays as created (float32), as with
@@ -262,11 +269,12 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
             out = out + (delta * scaling).to(out.dtype)
         return out
 
-    def _compute_input(self, x: Tensor) -> Tensor:
+    @staticmethod
+    def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type) and x.is_floating_point():
-            return x.to(torch.get_autocast_dtype(device_type))
-        return x
+            return torch.get_autocast_dtype(device_type)
+        return None
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -279,7 +287,16 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
                 f"{type(self).__name__}.forward takes the input and `adapter_names` only (as "
                 f"aqlm.QuantizedLinear.forward), got extra {len(args)} positional and {sorted(kwargs)} keyword"
             )
-        x = self._compute_input(x)
+        autocast_dtype = self._autocast_dtype(x)
+        if autocast_dtype is None:
+            return self._dispatch(x, adapter_names)
+        # The layer applies autocast's policy itself (x in the autocast dtype, fp32 accumulation
+        # inside the op) and runs the op with autocast off: the ops take explicit dtypes, and the
+        # CPU lora_forward kernel's internal at::mm is otherwise re-cast by autocast and fails.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._dispatch(x.to(autocast_dtype), adapter_names)
+
+    def _dispatch(self, x: Tensor, adapter_names: Optional[list[str]]) -> Tensor:
         if self.disable_adapters:
             return self._lora_forward(x, [])
         if adapter_names is not None:

@@ -1,0 +1,189 @@
+"""Helpers for the layer and PEFT-integration tests: random AQLM layers, PEFT's own layer on a
+deterministic dense base (the oracle), gradient collection and the tolerance rule."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import aqlm
+import torch
+import torch.nn.functional as F
+from aqlm.utils import _dequantize_weight, unpack_int_data
+from peft import LoraConfig
+from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Scheme:
+    num_codebooks: int
+    nbits: int
+    in_group: int = 8
+    out_group: int = 1
+
+    @property
+    def id(self) -> str:
+        suffix = "" if self.out_group == 1 else f"o{self.out_group}"
+        return f"{self.num_codebooks}x{self.nbits}g{self.in_group}{suffix}"
+
+
+SCHEMES = [
+    Scheme(1, 16),
+    Scheme(2, 8),
+    Scheme(1, 8),
+    Scheme(4, 8),
+    Scheme(1, 16, in_group=16),
+    Scheme(2, 8, out_group=2),
+]
+SCHEME_IDS = [s.id for s in SCHEMES]
+DTYPES = [torch.float32, torch.bfloat16]
+DTYPE_IDS = ["fp32", "bf16"]
+# out_features spans several of the CPU kernels' row blocks (and a partial one)
+IN_FEATURES, OUT_FEATURES = 64, 160
+
+
+def make_quantized_linear(
+    scheme: Scheme,
+    in_features: int = IN_FEATURES,
+    out_features: int = OUT_FEATURES,
+    dtype: torch.dtype = torch.float32,
+    bias: bool = True,
+    seed: int = 0,
+) -> aqlm.QuantizedLinear:
+    """An ``aqlm.QuantizedLinear`` with codes over the full range of their dtype and random codebooks."""
+    layer = aqlm.QuantizedLinear(
+        in_features,
+        out_features,
+        scheme.in_group,
+        scheme.out_group,
+        scheme.num_codebooks,
+        scheme.nbits,
+        bias=bias,
+        device="cpu",
+        dtype=dtype,
+    )
+    g = torch.Generator().manual_seed(seed)
+    info = torch.iinfo(layer.codes.dtype)
+    with torch.no_grad():
+        codes = torch.randint(info.min, info.max + 1, layer.codes.shape, generator=g, dtype=torch.int64)
+        layer.codes.copy_(codes.to(layer.codes.dtype))
+        std = 1.0 / math.sqrt(scheme.num_codebooks * scheme.in_group)
+        layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=g) * std)
+        layer.scales.copy_(torch.rand(layer.scales.shape, generator=g) + 0.5)
+        if bias:
+            layer.bias.copy_(torch.randn(out_features, generator=g))
+    return layer
+
+
+def dense_weight(layer: aqlm.QuantizedLinear, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """aqlm's own dequantization of a pristine (never-run) layer, computed in ``dtype``."""
+    dtype = dtype or layer.codebooks.dtype
+    codes = unpack_int_data(layer.codes.data, layer.nbits_per_codebook)
+    return _dequantize_weight(codes, layer.codebooks.data.to(dtype), layer.scales.data.to(dtype))
+
+
+def use_dense_forward(layer: aqlm.QuantizedLinear, dtype: Optional[torch.dtype] = None) -> aqlm.QuantizedLinear:
+    """Replace ``layer.forward`` by ``F.linear`` with its dequantized weight: aqlm's CPU math without
+    its racy numba kernel, its fp32-only assertion or its in-place code permutation."""
+    weight = dense_weight(layer, dtype)
+    bias = None if layer.bias is None else layer.bias.data.to(weight.dtype)
+
+    def forward(x: Tensor) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    layer.forward = forward
+    return layer
+
+
+def lora_config(**kwargs) -> LoraConfig:
+    defaults = dict(r=4, lora_alpha=8, init_lora_weights=False)
+    defaults.update(kwargs)
+    return LoraConfig(**defaults)
+
+
+def peft_twin(ours: nn.Module, dtype: Optional[torch.dtype] = None, dense_base: bool = True) -> PeftAqlmLoraLinear:
+    """PEFT's own AqlmLoraLinear with the same adapters and weights as ``ours``, on a copy of its base.
+
+    With ``dtype`` every float tensor (base and adapters) is cast to it; with ``dense_base`` the
+    base computes with the dense dequantized weight (in ``dtype``).
+    """
+    base = copy.deepcopy(ours.get_base_layer())
+    if dtype is not None:
+        base.to(dtype)
+    if dense_base:
+        use_dense_forward(base)
+    names = list(ours.lora_A.keys())
+    first = names[0]
+    twin = PeftAqlmLoraLinear(
+        base, first, config=_config_of(ours, first), r=ours.r[first], lora_alpha=ours.lora_alpha[first]
+    )
+    for name in names[1:]:
+        twin.update_layer(name, ours.r[name], lora_alpha=ours.lora_alpha[name], config=_config_of(ours, name))
+    state = {k: v for k, v in ours.state_dict().items() if not k.startswith("base_layer.")}
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("base_layer.") for k in missing), (missing, unexpected)
+    if dtype is not None:
+        for module in (twin.lora_A, twin.lora_B):
+            module.to(dtype)
+    twin.set_adapter(list(ours.active_adapters))
+    twin.enable_adapters(not ours.disable_adapters)
+    twin.train(ours.training)
+    return twin
+
+
+def _config_of(layer: nn.Module, name: str) -> LoraConfig:
+    dropout = layer.lora_dropout[name]
+    return LoraConfig(
+        r=layer.r[name],
+        lora_alpha=layer.lora_alpha[name],
+        lora_dropout=float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
+        use_rslora=layer.use_rslora[name],
+        lora_bias=layer.lora_bias[name],
+        init_lora_weights=False,
+    )
+
+
+def adapter_params(layer: nn.Module) -> dict[str, Tensor]:
+    """Trainable adapter tensors by state-dict name."""
+    return {n: p for n, p in layer.named_parameters() if n.startswith(("lora_A.", "lora_B."))}
+
+
+def run_with_grads(layer: nn.Module, x: Tensor, grad_out: Optional[Tensor] = None, **kwargs):
+    """Forward on a leaf copy of ``x``, backward with ``grad_out``; returns (out, {name: grad})."""
+    for p in adapter_params(layer).values():
+        p.requires_grad_(True)
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x, **kwargs)
+    g = torch.ones_like(out) if grad_out is None else grad_out.to(out.dtype)
+    out.backward(g)
+    grads = {"input": x.grad}
+    grads.update({n: p.grad for n, p in adapter_params(layer).items()})
+    return out.detach(), grads
+
+
+def assert_close_fp32(actual: Optional[Tensor], expected: Optional[Tensor], rtol: float = 2e-5, what: str = "") -> None:
+    """float32: max error within ``rtol`` of the expected tensor's scale (at least 1)."""
+    if expected is None or actual is None:
+        assert actual is None and expected is None, f"{what}: one gradient is None"
+        return
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    if expected.numel() == 0:
+        return
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol} * {scale:.3g}"
+
+
+def assert_low_precision_ok(actual: Tensor, plain: Tensor, exact: Tensor, what: str = "") -> None:
+    """Low precision: our error vs the fp32 reference is at most 2x plain PyTorch's at that dtype."""
+    assert actual.shape == exact.shape == plain.shape, (what, actual.shape, plain.shape, exact.shape)
+    if exact.numel() == 0:
+        return
+    ours = (actual.double() - exact.double()).abs().max().item()
+    theirs = (plain.double() - exact.double()).abs().max().item()
+    floor = 1e-6 * max(1.0, exact.abs().max().item())
+    assert ours <= 2 * theirs + floor, f"{what}: error {ours:.3g} > 2 x plain PyTorch's {theirs:.3g}"

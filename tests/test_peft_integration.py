@@ -1,0 +1,353 @@
+"""End to end with PEFT and transformers: dispatch, register, a tiny AQLM Llama loaded through
+transformers' AQLM integration, training against the dense model, and adapter save/load."""
+
+import os
+
+# aqlm's numba CPU kernel races across threads; numba reads this once, at import (conftest sets it too).
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import math  # noqa: E402
+import warnings  # noqa: E402
+
+import aqlm  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from layer_helpers import Scheme, assert_close_fp32, dense_weight, make_quantized_linear  # noqa: E402
+from peft import (  # noqa: E402
+    EvaConfig,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    initialize_lora_eva_weights,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import AqlmConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import aqlm_lora  # noqa: E402
+from aqlm_lora import AqlmLoraLinear, dispatch_aqlm, register  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+MODEL_SCHEMES = {"1x16g8": Scheme(1, 16), "2x8g8": Scheme(2, 8)}
+
+
+def build_aqlm_llama(scheme: Scheme) -> LlamaForCausalLM:
+    """A random tiny Llama whose linear layers (not lm_head) are aqlm.QuantizedLinear."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    for seed, (name, linear) in enumerate(linears):
+        layer = make_quantized_linear(scheme, linear.in_features, linear.out_features, bias=False, seed=seed)
+        layer.scales.data /= math.sqrt(linear.in_features)
+        model.set_submodule(name, layer)
+    model.config.quantization_config = AqlmConfig(
+        in_group_size=scheme.in_group,
+        out_group_size=scheme.out_group,
+        num_codebooks=scheme.num_codebooks,
+        nbits_per_codebook=scheme.nbits,
+        # module names: transformers 5.24 matches these against module paths, so "lm_head.weight"
+        # (the spelling of AQLM's hub checkpoints) would not keep lm_head dense
+        linear_weights_not_to_quantize=["lm_head"],
+    )
+    return model
+
+
+@pytest.fixture(scope="module", params=list(MODEL_SCHEMES), ids=list(MODEL_SCHEMES))
+def checkpoint(request, tmp_path_factory):
+    """(scheme, directory of a saved AQLM checkpoint, its state dict)."""
+    model = build_aqlm_llama(MODEL_SCHEMES[request.param])
+    path = tmp_path_factory.mktemp(f"aqlm_{request.param}")
+    model.save_pretrained(path)
+    return MODEL_SCHEMES[request.param], path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def load(path) -> LlamaForCausalLM:
+    """The AQLM checkpoint through transformers' AQLM integration."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(path)
+    return model.eval()
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every aqlm.QuantizedLinear by an nn.Linear holding its dequantized weight."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, aqlm.QuantizedLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight.data = dense_weight(module).clone()
+            if module.bias is not None:
+                dense.bias.data = module.bias.data.clone()
+            model.set_submodule(name, dense)
+    return model
+
+
+def batch(seed: int = 0, rows: int = 4, length: int = 12) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, LLAMA["vocab_size"], (rows, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def lora_layers(model: nn.Module, cls=AqlmLoraLinear) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m) is cls]
+
+
+def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_exports():
+    assert aqlm_lora.AqlmLoraLinear is aqlm_lora.layer.AqlmLoraLinear
+    assert aqlm_lora.dispatch_aqlm is aqlm_lora.dispatch.dispatch_aqlm
+    assert aqlm_lora.register is aqlm_lora.dispatch.register
+    assert {"AqlmLoraLinear", "dispatch_aqlm", "register", "aqlm_lora_linear"} <= set(aqlm_lora.__all__)
+
+
+def test_dispatch_aqlm():
+    layer = make_quantized_linear(Scheme(2, 8))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1)
+    new = dispatch_aqlm(layer, "a", config=config, r=4, lora_alpha=8, target_name="x.q_proj")
+    assert type(new) is AqlmLoraLinear and new.get_base_layer() is layer
+    assert new.scaling == {"a": 2.0} and new.lora_dropout["a"].p == 0.1
+    old_style = dispatch_aqlm(layer, "a", lora_config=config, r=2, lora_alpha=8)
+    assert type(old_style) is AqlmLoraLinear and old_style.r == {"a": 2}
+    no_config = dispatch_aqlm(layer, "a", r=3, lora_alpha=6, use_rslora=True)
+    assert no_config.r == {"a": 3} and no_config.scaling["a"] == pytest.approx(6 / math.sqrt(3))
+    wrapped = dispatch_aqlm(new, "b", config=config, r=4, lora_alpha=8)
+    assert type(wrapped) is AqlmLoraLinear and wrapped.get_base_layer() is layer
+    assert dispatch_aqlm(nn.Linear(8, 8), "a", config=config, r=4) is None
+    assert not hasattr(layer, "qweight"), "the base layer gained an attribute"
+
+
+def test_register():
+    config = LoraConfig(r=4)
+    assert register(config) is config
+    assert config._custom_modules == {aqlm.QuantizedLinear: AqlmLoraLinear}
+    assert "_custom_modules" not in config.to_dict()
+    with pytest.raises(TypeError, match="expects a peft.LoraConfig"):
+        register({"r": 4})
+
+
+def test_transformers_loads_the_aqlm_checkpoint(checkpoint):
+    scheme, path, state = checkpoint
+    model = load(path)
+    assert isinstance(model.config.quantization_config, AqlmConfig)
+    assert getattr(model, "hf_quantizer", None) is not None and model.is_quantized
+    quantized = [n for n, m in model.named_modules() if isinstance(m, aqlm.QuantizedLinear)]
+    assert len(quantized) == 7 * LLAMA["num_hidden_layers"] and type(model.lm_head) is nn.Linear
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+    assert model.model.layers[0].self_attn.q_proj.codes.dtype == (torch.int8 if scheme.nbits == 8 else torch.int16)
+
+
+def test_get_peft_model_uses_our_layer_only_when_registered(checkpoint):
+    _, path, _ = checkpoint
+    ours = get_peft_model(load(path), register(LoraConfig(r=4, target_modules=TARGETS)))
+    assert len(lora_layers(ours)) == 7 * LLAMA["num_hidden_layers"]
+    assert not lora_layers(ours, PeftAqlmLoraLinear)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    theirs = get_peft_model(load(path), LoraConfig(r=4, target_modules=TARGETS))
+    assert len(lora_layers(theirs, PeftAqlmLoraLinear)) == 7 * LLAMA["num_hidden_layers"]
+    assert get_peft_model_state_dict(ours).keys() == get_peft_model_state_dict(theirs).keys()
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_training_matches_dense_model(checkpoint, reentrant):
+    """AdamW steps with activation checkpointing: same losses as PEFT's LoRA on the dequantized model."""
+    _, path, _ = checkpoint
+    config = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights="gaussian")
+    ckpt = {"use_reentrant": reentrant}
+    models = []
+    for quantized in (True, False):
+        base = load(path) if quantized else densify(load(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = prepare_model_for_kbit_training(base, gradient_checkpointing_kwargs=ckpt)
+        lora = LoraConfig(**config)
+        models.append(get_peft_model(base, register(lora) if quantized else lora))
+    ours, dense = models
+    assert len(lora_layers(ours)) == 14 and not lora_layers(dense)
+    set_peft_model_state_dict(dense, get_peft_model_state_dict(ours))
+    inputs = batch(seed=1)
+    losses = {}
+    for name, model in (("ours", ours), ("dense", dense)):
+        model.train()
+        assert model.base_model.model.is_gradient_checkpointing
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for _ in range(6):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["ours"][-1] < losses["ours"][0] - 0.05, losses["ours"]
+    for mine, theirs in zip(losses["ours"], losses["dense"]):
+        assert mine == pytest.approx(theirs, rel=1e-4), (losses["ours"], losses["dense"])
+    ours_state, dense_state = get_peft_model_state_dict(ours), get_peft_model_state_dict(dense)
+    for key, value in ours_state.items():
+        assert_close_fp32(value, dense_state[key], rtol=1e-4, what=key)
+        if ".lora_B." in key:  # zero at init ("gaussian"): training moved it
+            assert value.abs().max() > 1e-3, key
+
+
+def test_dropout_training_with_checkpointing(checkpoint):
+    _, path, _ = checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = prepare_model_for_kbit_training(load(path))
+    model = get_peft_model(base, register(LoraConfig(r=4, lora_dropout=0.2, target_modules=TARGETS)))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs, losses = batch(seed=2), []
+    for _ in range(5):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+def _random_adapter(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_save_and_load_round_trip(checkpoint, tmp_path):
+    _, path, _ = checkpoint
+    inputs = batch(seed=3)
+    model = get_peft_model(load(path), register(LoraConfig(r=4, lora_bias=True, target_modules=TARGETS)))
+    _random_adapter(model)
+    model.eval()
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+
+    config = register(LoraConfig.from_pretrained(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(load(path), tmp_path / "adapter", config=config)
+    assert len(lora_layers(loaded)) == 14
+    assert torch.equal(logits(loaded, inputs), expected)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+    # A further adapter: add it with a registered config, then load_adapter only fills in its weights.
+    loaded.add_adapter("second", register(LoraConfig.from_pretrained(tmp_path / "adapter")))
+    loaded.load_adapter(tmp_path / "adapter", adapter_name="second")
+    loaded.set_adapter("second")
+    assert len(lora_layers(loaded)) == 14 and not lora_layers(loaded, PeftAqlmLoraLinear)
+    assert torch.equal(logits(loaded, inputs), expected)
+
+    trainable = PeftModel.from_pretrained(
+        load(path),
+        tmp_path / "adapter",
+        config=register(LoraConfig.from_pretrained(tmp_path / "adapter")),
+        is_trainable=True,
+    )
+    trainable.train()
+    trainable(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for n, p in trainable.named_parameters() if ".lora_" in n)
+
+    # Without `register` PEFT does not know our layer (the registration is not saved): its own layer loads.
+    plain = PeftModel.from_pretrained(load(path), tmp_path / "adapter")
+    assert not lora_layers(plain) and len(lora_layers(plain, PeftAqlmLoraLinear)) == 14
+
+
+def test_adapters_move_between_peft_layer_and_ours(checkpoint, tmp_path):
+    """An adapter saved with PEFT's own AQLM layer loads into ours with the same outputs, and back."""
+    _, path, _ = checkpoint
+    inputs = batch(seed=4)
+    theirs = get_peft_model(load(path), LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=TARGETS))
+    _random_adapter(theirs)
+    theirs.eval()
+    their_logits = logits(theirs, inputs)  # aqlm's own CPU kernels (numba on one thread for 8-bit)
+    theirs.save_pretrained(tmp_path / "theirs")
+
+    config = register(LoraConfig.from_pretrained(tmp_path / "theirs"))
+    ours = PeftModel.from_pretrained(load(path), tmp_path / "theirs", config=config)
+    assert len(lora_layers(ours)) == 14
+    our_logits = logits(ours, inputs)
+    assert_close_fp32(our_logits, their_logits, rtol=1e-4, what="PEFT's adapter in our layer")
+
+    ours.save_pretrained(tmp_path / "ours")
+    back = PeftModel.from_pretrained(load(path), tmp_path / "ours")
+    assert len(lora_layers(back, PeftAqlmLoraLinear)) == 14
+    assert_close_fp32(logits(back, inputs), our_logits, rtol=1e-4, what="our adapter in PEFT's layer")
+
+
+def test_several_adapters_and_mixed_batch(checkpoint):
+    _, path, _ = checkpoint
+    inputs = batch(seed=5, rows=3)
+    model = get_peft_model(load(path), register(LoraConfig(r=4, target_modules=TARGETS)), adapter_name="a")
+    model.add_adapter("b", register(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])))
+    _random_adapter(model)
+    assert sum("b" in m.lora_A for m in lora_layers(model)) == 2 * LLAMA["num_hidden_layers"]
+    model.eval()
+    with model.disable_adapter():
+        no_adapter = logits(model, inputs)
+    model.set_adapter("a")
+    only_a = logits(model, inputs)
+    model.set_adapter("b")
+    only_b = logits(model, inputs)
+    mixed = logits(model, {**inputs, "adapter_names": ["a", "__base__", "b"]})
+    assert_close_fp32(mixed[0], only_a[0], what="row a")
+    assert_close_fp32(mixed[1], no_adapter[1], what="base row")
+    assert_close_fp32(mixed[2], only_b[2], what="row b")
+    assert (only_a - only_b).abs().max() > 1e-3
+    model.base_model.set_adapter(["a", "b"])
+    both = logits(model, inputs)
+    assert (both - only_a).abs().max() > 1e-3 and (both - only_b).abs().max() > 1e-3
+    model.delete_adapter("b")
+    assert all(set(m.lora_A) == {"a"} for m in lora_layers(model))
+    assert_close_fp32(logits(model, inputs), only_a, what="after deleting b")
+
+
+def test_eva_initialization(checkpoint):
+    _, path, _ = checkpoint
+    config = LoraConfig(r=2, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0), target_modules=TARGETS)
+    model = get_peft_model(load(path), register(config))
+    before = {n: p.clone() for n, p in model.named_parameters() if ".lora_A." in n}
+    data = [batch(seed=s, rows=8, length=16) for s in range(6)]
+    initialize_lora_eva_weights(model, dataloader=data, show_progress_bar=False)
+    assert len(lora_layers(model)) == 14
+    after = {n: p for n, p in model.named_parameters() if ".lora_A." in n}
+    assert after.keys() == before.keys()
+    assert all(not torch.equal(after[n], before[n]) for n in before)
+    for layer in lora_layers(model):  # EVA's A rows are orthonormal right-singular vectors
+        A = layer.lora_A["default"].weight
+        assert_close_fp32(A @ A.T, torch.eye(A.shape[0]), rtol=1e-4, what="A A^T")
+        assert not layer.lora_B["default"].weight.any()
+
+
+def test_refused_configs_through_get_peft_model(checkpoint):
+    _, path, _ = checkpoint
+    with pytest.raises(ValueError, match="does not support DoRA"):
+        get_peft_model(load(path), register(LoraConfig(r=4, use_dora=True, target_modules=TARGETS)))
+    with pytest.raises(ValueError, match="init_lora_weights='pissa'.*dense base weight"):
+        get_peft_model(load(path), register(LoraConfig(r=4, init_lora_weights="pissa", target_modules=TARGETS)))
+    model = get_peft_model(load(path), register(LoraConfig(r=4, target_modules=TARGETS)))
+    with pytest.raises(NotImplementedError, match="inexact"):
+        model.merge_and_unload()
+    unloaded = get_peft_model(load(path), register(LoraConfig(r=4, target_modules=TARGETS))).unload()
+    assert isinstance(unloaded.model.layers[0].self_attn.q_proj, aqlm.QuantizedLinear)
