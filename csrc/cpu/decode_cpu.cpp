@@ -174,22 +174,22 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
   const float* cbt = cb_t.data_ptr<float>();
   const int64_t entries_per_group = d.num_codebooks * d.codebook_size * d.out_group * n;
   if (n == 1 && d.out_group == 1) {
-    // The table is built and consumed in chunks of groups that fit in L2 with the streaming codes.
+    // One parallel region: each thread builds the table chunk by chunk (chunks fit in L2 next to
+    // the streaming codes) and sums its own rows. Building is ~10% of the lookups, so building it
+    // per thread costs less than the barriers of sharing it, which stall badly on a busy machine.
     const int64_t chunk = std::max<int64_t>(1, kLutChunkBytes / (entries_per_group * 4));
-    std::vector<float> table(std::min(chunk, d.in_groups) * entries_per_group);
-    std::vector<float> partial(d.out_groups, 0.f);
-    for (int64_t c0 = 0; c0 < d.in_groups; c0 += chunk) {
-      const int64_t c1 = std::min(d.in_groups, c0 + chunk);
-      at::parallel_for(c0, c1, 8, [&](int64_t i0, int64_t i1) {
-        simd::build_lut_avx2(p, cbt, c0, i0, i1, table.data());
-      });
-      at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
-        simd::lut_partial_n1_avx2(p, table.data(), c0, c1, o0, o1, partial.data());
-      });
-    }
-    float* y = out.data_ptr<float>();
     const float* s = scales_f.data_ptr<float>();
-    for (int64_t o = 0; o < d.out_groups; ++o) y[o] = s[o] * partial[o];
+    float* y = out.data_ptr<float>();
+    at::parallel_for(0, d.out_groups, 64, [&](int64_t o0, int64_t o1) {
+      std::vector<float> table(std::min(chunk, d.in_groups) * entries_per_group);
+      std::vector<float> partial(o1 - o0, 0.f);
+      for (int64_t c0 = 0; c0 < d.in_groups; c0 += chunk) {
+        const int64_t c1 = std::min(d.in_groups, c0 + chunk);
+        simd::build_lut_avx2(p, cbt, c0, c0, c1, table.data());
+        simd::lut_partial_n1_avx2(p, table.data(), c0, c1, o0, o1, partial.data() - o0);
+      }
+      for (int64_t o = o0; o < o1; ++o) y[o] = s[o] * partial[o - o0];
+    });
     return true;
   }
   std::vector<float> table(d.in_groups * entries_per_group);

@@ -103,15 +103,21 @@ void base_gemm_t(const Weight<acc_t, code_t>& w, const at::Tensor& g, at::Tensor
   });
 }
 
-at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
-  if (p == 0.0) return x;
-  at::Tensor y = at::empty_like(x);
+// In place: x = x * keep / (1 - p).
+at::Tensor& dropout_(at::Tensor& x, double p, int64_t seed, int64_t offset) {
   dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
     using acc_t = decltype(acc_tag);
-    apply_dropout<acc_t>(x.data_ptr<acc_t>(), y.data_ptr<acc_t>(), x.numel(), static_cast<float>(p),
+    apply_dropout<acc_t>(x.data_ptr<acc_t>(), x.data_ptr<acc_t>(), x.numel(), static_cast<float>(p),
                          static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   });
-  return y;
+  return x;
+}
+
+// x itself when p is 0, else a dropped-out copy.
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  if (p == 0.0) return x;
+  at::Tensor y = x.clone();
+  return dropout_(y, p, seed, offset);
 }
 
 // out [N, out] in acc type (x's dtype): x @ W^T + bias.
@@ -225,6 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const at::Tensor a = lora_A.to(acc);
   const at::Tensor gb = at::mm(g, lora_B.to(acc));  // [N, r]
   const at::Tensor grad_B = at::mm(g.t(), xa.to(acc)).mul_(scaling);
+  // The dropped-out x is rebuilt from the seed and freed before dx exists: at most two N x in
+  // temporaries are alive at once.
   const at::Tensor grad_A = at::mm(gb.t(), dropout(x, dropout_p, seed, offset)).mul_(scaling);
   at::Tensor grad_input = at::empty({0}, input.options());
   if (input_grad) {
@@ -233,7 +241,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
       base_gemm_t(view<decltype(acc_tag), decltype(code_tag)>(pw), g, dx);
     });
-    dx.add_(dropout(at::mm(gb, a), dropout_p, seed, offset), scaling);
+    if (dropout_p == 0.0) {
+      dx.addmm_(gb, a, 1.0, scaling);
+    } else {
+      at::Tensor t = at::mm(gb, a);
+      dx.add_(dropout_(t, dropout_p, seed, offset), scaling);
+    }
     grad_input = dx.to(input.scalar_type()).reshape(input.sizes());
   }
   return {grad_input, grad_A.to(lora_A.scalar_type()), grad_B.to(lora_B.scalar_type())};
