@@ -28,6 +28,25 @@ def _cuda_unavailable_reasons() -> list[str]:
     return reasons
 
 
+def _wheel_cuda_includes() -> list[str]:
+    """cuBLAS/cuSPARSE headers from torch's nvidia-* wheels, when CUDA_HOME lacks them.
+
+    ATen/cuda/CUDAContext.h includes them; a minimal toolkit (nvcc + cudart only) does not ship them.
+    """
+    home = CUDA_HOME or ""
+    if all(os.path.exists(os.path.join(home, "include", h)) for h in ("cublas_v2.h", "cusparse.h")):
+        return []
+    root = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    found = {
+        os.path.dirname(path)
+        for header in ("cublas_v2.h", "cusparse.h", "cusolverDn.h")
+        for path in glob.glob(os.path.join(root, "**", "include", header), recursive=True)
+    }
+    if found:
+        print("aqlm_lora: using CUDA headers from torch's nvidia wheels: " + ", ".join(sorted(found)))
+    return sorted(found)
+
+
 def _use_cuda() -> bool:
     mode = os.environ.get("AQLM_LORA_USE_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
@@ -53,7 +72,7 @@ def _extension():
     sources = ["csrc/aqlm_lora.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fopenmp makes at::parallel_for's inline OpenMP regions real; the runtime itself comes from
     # the libgomp that torch already loads, so nothing extra is linked.
-    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3", "-fopenmp"]  # py_limited_api=True makes torch define Py_LIMITED_API
     extra = {"cxx": cxx_flags}
     kwargs = dict(
         name="aqlm_lora._C",
@@ -62,7 +81,8 @@ def _extension():
     )
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DPy_LIMITED_API=0x03090000"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        kwargs["include_dirs"] += _wheel_cuda_includes()
         return CUDAExtension(sources=sources, extra_compile_args=extra, **kwargs)
     return CppExtension(sources=sources, extra_compile_args=extra, **kwargs)
 

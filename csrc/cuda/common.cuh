@@ -59,13 +59,14 @@ inline bool is_single_or_half(at::ScalarType t) {
 
 // Element type of a float tensor, known only at run time by device code (used where one load or
 // store per output element is all that depends on it, so a template parameter is not worth it).
-enum class FloatKind : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum class FloatKind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 inline FloatKind float_kind(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return FloatKind::kF32;
     case at::kHalf: return FloatKind::kF16;
     case at::kBFloat16: return FloatKind::kBF16;
+    case at::kDouble: return FloatKind::kF64;
     default: TORCH_CHECK(false, "aqlm_lora: internal error: no FloatKind for ", t);
   }
   return FloatKind::kF32;
@@ -106,7 +107,7 @@ inline void check_bf16_supported(std::initializer_list<at::ScalarType> dtypes) {
 }
 
 // One AQLM weight as the launchers take it: codes contiguous, codebooks contiguous and 16-byte
-// aligned, scales flattened to [out_groups] (any float dtype; launchers convert as they need).
+// aligned, scales flattened to [out_groups] and contiguous (any float dtype).
 struct WeightRef {
   at::Tensor codes;
   at::Tensor codebooks;
@@ -117,7 +118,7 @@ struct WeightRef {
 
 inline WeightRef make_weight(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
                              const AqlmDims& d) {
-  return WeightRef{codes.contiguous(), aligned_contiguous(codebooks), scales.reshape({-1}), d};
+  return WeightRef{codes.contiguous(), aligned_contiguous(codebooks), scales.reshape({-1}).contiguous(), d};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -171,6 +172,7 @@ __device__ __forceinline__ float load_as_float(const void* p, int64_t i, FloatKi
   switch (k) {
     case FloatKind::kF16: return half_bits_to_float(static_cast<const uint16_t*>(p)[i]);
     case FloatKind::kBF16: return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
+    case FloatKind::kF64: return static_cast<float>(static_cast<const double*>(p)[i]);
     default: return static_cast<const float*>(p)[i];
   }
 }
@@ -179,6 +181,7 @@ __device__ __forceinline__ void store_from_float(void* p, int64_t i, float v, Fl
   switch (k) {
     case FloatKind::kF16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
     case FloatKind::kBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    case FloatKind::kF64: static_cast<double*>(p)[i] = static_cast<double>(v); break;
     default: static_cast<float*>(p)[i] = v; break;
   }
 }
@@ -191,6 +194,14 @@ __device__ __forceinline__ out_t to_out(acc_t v) {
   } else {
     return out_t(static_cast<float>(v));
   }
+}
+
+// n / d for 0 <= n and 0 < d, in 32 bits when both fit (64-bit division is a slow subroutine call).
+__device__ __forceinline__ int64_t div_nonneg(int64_t n, int64_t d) {
+  if (n <= 0xFFFFFFFFll && d <= 0xFFFFFFFFll) {
+    return static_cast<int64_t>(static_cast<uint32_t>(n) / static_cast<uint32_t>(d));
+  }
+  return n / d;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -56,10 +56,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t total = a.nrows * a.ngroups;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
-    const int64_t rr = t / a.ngroups;
+    const int64_t rr = div_nonneg(t, a.ngroups);
     const int64_t gi = t - rr * a.ngroups;
     const int64_t row = a.row0 + rr;
-    const int64_t o = row / a.out_group;
+    const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
     const int64_t sub = row - o * a.out_group;  // row inside the output group
     const code_t* cp = codes + (o * a.in_groups + a.group0 + gi) * a.num_codebooks;
     const acc_t s = scales[o];

@@ -1,9 +1,11 @@
-// Decode GEMV kernels (few tokens): y[n, row] = x[n] . W[row] + bias[row] + s * xa[n] . lora_B[row].
+// Decode GEMV kernels (few tokens):
+//   y[n, row] = x[n] . W[row] + bias[row] + s * (xa[n] . lora_B[row] + lora_bias[row]).
 //
 // One warp per output row (grid-stride over rows); its lanes walk the in-groups (or the columns),
 // decode each code once and FMA the codebook row with all N <= kDecodeMaxTokens tokens, so the
 // codes (the bulk of the bytes) are read once per call whatever N is. x is float32 (converted by
-// the caller); the epilogue adds scale, bias and the LoRA expand and stores in the output dtype.
+// the caller); the epilogue applies the scale, adds bias, lora_bias and the LoRA expand (reading
+// them in their own dtypes) and stores in the output dtype.
 //
 //   gemv_ig8_global_kernel  in_group 8, codebook rows gathered from global memory through the
 //                           read-only cache / L2 (1x16: 65536 x 8 halves = 1 MiB stays in L2);
@@ -34,10 +36,14 @@ struct GemvArgs {
   uint32_t mask;  // codebook_size - 1
   const void* codes;      // [O, I, C] int8/int16
   const void* codebooks;  // [C, K, og, ig]
-  const float* scales;    // [O]
-  const float* bias;      // [out] or nullptr (already includes scaling * lora_bias)
-  const float* xa;        // [N, r] or nullptr when there is no LoRA term
-  const void* lora_B;     // [out, r]
+  const void* scales;     // [O], any float dtype (scales_kind)
+  FloatKind scales_kind;
+  const void* bias;  // [out] or nullptr
+  FloatKind bias_kind;
+  const void* lora_bias;  // [out] or nullptr; added times scaling
+  FloatKind lora_bias_kind;
+  const float* xa;  // [N, r] or nullptr when there is no LoRA expand
+  const void* lora_B;  // [out, r]
   FloatKind lora_B_kind;
   int64_t rank;
   float scaling;
@@ -55,7 +61,12 @@ __device__ __forceinline__ int64_t warp_count() { return (static_cast<int64_t>(g
 template <int NT>
 __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, int64_t row, int64_t o, int lane,
                                               const float (&acc)[NT]) {
-  const float s = a.scales[o];
+  const float s = load_as_float(a.scales, o, a.scales_kind);
+  float row_bias = 0.f;  // bias + scaling * lora_bias, added once by lane 0
+  if (lane == 0) {
+    if (a.bias != nullptr) row_bias += load_as_float(a.bias, row, a.bias_kind);
+    if (a.lora_bias != nullptr) row_bias += a.scaling * load_as_float(a.lora_bias, row, a.lora_bias_kind);
+  }
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     if (NT > 1 && n >= a.n_tokens) break;  // uniform over the warp
@@ -68,10 +79,7 @@ __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, int64_t row, in
       v += a.scaling * l;
     }
     v = warp_sum(v);
-    if (lane == 0) {
-      if (a.bias != nullptr) v += a.bias[row];
-      store_from_float(a.y, n * a.out_features + row, v, a.y_kind);
-    }
+    if (lane == 0) store_from_float(a.y, n * a.out_features + row, v + row_bias, a.y_kind);
   }
 }
 
@@ -97,7 +105,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_global_kernel(const Gem
   const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
   const int64_t C = kOneCodebook ? 1 : a.num_codebooks;
   for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
-    const int64_t o = row / a.out_group;
+    const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
     const int64_t sub = row - o * a.out_group;
     const code_t* crow = codes + o * a.in_groups * C;
     float acc[NT];
@@ -149,7 +157,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_smem_kernel(const GemvA
   const code_t* codes = static_cast<const code_t*>(a.codes);
   const int64_t C = a.num_codebooks;
   for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
-    const int64_t o = row / a.out_group;
+    const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
     const int64_t sub = row - o * a.out_group;
     const code_t* crow = codes + o * a.in_groups * C;
     float acc[NT];
@@ -179,14 +187,14 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_generic_kernel(const GemvAr
   const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
   const int64_t C = a.num_codebooks;
   for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
-    const int64_t o = row / a.out_group;
+    const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
     const int64_t sub = row - o * a.out_group;
     const code_t* crow = codes + o * a.in_groups * C;
     float acc[NT];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n] = 0.f;
     for (int64_t k = lane; k < a.in_features; k += 32) {
-      const int64_t i = k / a.in_group;
+      const int64_t i = div_nonneg(k, a.in_group);
       const int64_t b = k - i * a.in_group;
       float w = 0.f;
       for (int64_t c = 0; c < C; ++c) {
@@ -202,15 +210,17 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_generic_kernel(const GemvAr
   }
 }
 
-// xa[n, j] = sum_k (x[n, k] * keep(n*in + k) / (1 - p)) * A[j, k]; one warp per (n, j).
+// xa[n, j] = sum_k (x[n, k] * keep(n*in + k) / (1 - p)) * A[j, k]; one warp per (n, j). Written as
+// float32 (for the GEMV epilogue) and, when xa_out is given, also in lora_A's dtype (the op's output).
 template <typename a_t>
 __global__ void __launch_bounds__(kGemvThreads)
     lora_shrink_kernel(const float* __restrict__ x, int64_t n_tokens, int64_t in_features,
-                       const a_t* __restrict__ lora_A, int64_t rank, float* __restrict__ xa, bool dropout,
+                       const a_t* __restrict__ lora_A, int64_t rank, float* __restrict__ xa, void* xa_out,
+                       FloatKind xa_out_kind, bool dropout,
                        float p, float one_minus_p, uint64_t seed, uint64_t offset) {
   const int lane = threadIdx.x & 31;
   for (int64_t t = global_warp(); t < n_tokens * rank; t += warp_count()) {
-    const int64_t n = t / rank;
+    const int64_t n = div_nonneg(t, rank);
     const int64_t j = t - n * rank;
     float acc = 0.f;
     for (int64_t k = lane; k < in_features; k += 32) {
@@ -220,7 +230,10 @@ __global__ void __launch_bounds__(kGemvThreads)
       acc = fmaf(xv, static_cast<float>(lora_A[j * in_features + k]), acc);
     }
     acc = warp_sum(acc);
-    if (lane == 0) xa[t] = acc;
+    if (lane == 0) {
+      xa[t] = acc;
+      if (xa_out != nullptr) store_from_float(xa_out, t, acc, xa_out_kind);
+    }
   }
 }
 
@@ -240,11 +253,13 @@ bool decode_supported(at::ScalarType input, at::ScalarType codebooks) {
 }
 
 void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, uint64_t seed, uint64_t offset,
-                 const at::Tensor& xa) {
+                 const at::Tensor& xa, const at::Tensor& xa_out) {
   TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2);
   TORCH_INTERNAL_ASSERT(lora_A.is_contiguous() && lora_A.dim() == 2 && lora_A.size(1) == x.size(1));
   TORCH_INTERNAL_ASSERT(xa.scalar_type() == at::kFloat && xa.is_contiguous() && xa.size(0) == x.size(0) &&
                         xa.size(1) == lora_A.size(0));
+  const bool second = xa_out.defined() && !xa_out.is_same(xa);
+  TORCH_INTERNAL_ASSERT(!second || (xa_out.is_contiguous() && xa_out.sizes() == xa.sizes()));
   const int64_t n_tokens = x.size(0), in_features = x.size(1), rank = lora_A.size(0);
   if (n_tokens * rank == 0) return;
   const unsigned grid = grid_for(n_tokens * rank, kWarpsPerBlock, 8);
@@ -253,24 +268,26 @@ void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p
   dispatch_float_single(lora_A.scalar_type(), "lora_A", [&](auto tag) {
     using a_t = decltype(tag);
     lora_shrink_kernel<a_t><<<grid, kGemvThreads, 0, stream>>>(
-        x.data_ptr<float>(), n_tokens, in_features, lora_A.data_ptr<a_t>(), rank, xa.data_ptr<float>(), dropout,
+        x.data_ptr<float>(), n_tokens, in_features, lora_A.data_ptr<a_t>(), rank, xa.data_ptr<float>(),
+        second ? xa_out.data_ptr() : nullptr, second ? float_kind(xa_out.scalar_type()) : FloatKind::kF32, dropout,
         static_cast<float>(dropout_p), static_cast<float>(1.0 - dropout_p), seed, offset);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias, const at::Tensor& xa,
-                 const at::Tensor& lora_B, float scaling, const at::Tensor& y) {
+void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias, const at::Tensor& lora_bias,
+                 const at::Tensor& xa, const at::Tensor& lora_B, float scaling, const at::Tensor& y) {
   const AqlmDims& d = w.d;
   const int64_t n_tokens = x.size(0);
   TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
                         x.size(1) == d.in_features() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
   TORCH_INTERNAL_ASSERT(n_tokens >= 0 && n_tokens <= kDecodeMaxTokens);
   TORCH_INTERNAL_ASSERT(y.is_contiguous() && y.size(0) == n_tokens && y.size(1) == d.out_features());
-  TORCH_INTERNAL_ASSERT(!bias.defined() || (bias.scalar_type() == at::kFloat && bias.is_contiguous()));
+  TORCH_INTERNAL_ASSERT(!bias.defined() || bias.is_contiguous());
+  TORCH_INTERNAL_ASSERT(!lora_bias.defined() || lora_bias.is_contiguous());
+  TORCH_INTERNAL_ASSERT(w.scales.is_contiguous());
   if (n_tokens == 0 || d.out_features() == 0) return;
 
-  const at::Tensor scales = w.scales.to(at::kFloat).contiguous();
   GemvArgs a{};
   a.x = x.data_ptr<float>();
   a.n_tokens = n_tokens;
@@ -284,8 +301,13 @@ void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias
   a.mask = w.code_mask();
   a.codes = w.codes.data_ptr();
   a.codebooks = w.codebooks.data_ptr();
-  a.scales = scales.data_ptr<float>();
-  a.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  a.scales = w.scales.data_ptr();
+  a.scales_kind = float_kind(w.scales.scalar_type());
+  a.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  a.bias_kind = bias.defined() ? float_kind(bias.scalar_type()) : FloatKind::kF32;
+  a.lora_bias = lora_bias.defined() ? lora_bias.data_ptr() : nullptr;
+  a.lora_bias_kind = lora_bias.defined() ? float_kind(lora_bias.scalar_type()) : FloatKind::kF32;
+  a.scaling = scaling;
   const bool lora = xa.defined() && xa.size(1) > 0;
   if (lora) {
     TORCH_INTERNAL_ASSERT(xa.scalar_type() == at::kFloat && xa.is_contiguous() && xa.size(0) == n_tokens);
@@ -295,13 +317,11 @@ void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias
     a.lora_B = lora_B.data_ptr();
     a.lora_B_kind = float_kind(lora_B.scalar_type());
     a.rank = xa.size(1);
-    a.scaling = scaling;
   } else {
     a.xa = nullptr;
     a.lora_B = nullptr;
     a.lora_B_kind = FloatKind::kF32;
     a.rank = 0;
-    a.scaling = 0.f;
   }
   a.y = y.data_ptr();
   a.y_kind = float_kind(y.scalar_type());

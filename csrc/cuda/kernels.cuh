@@ -29,16 +29,18 @@ constexpr int64_t kDecodeMaxTokens = 8;
 bool decode_supported(at::ScalarType input, at::ScalarType codebooks);
 
 // xa[n, j] = sum_k dropout(x)[n, k] * lora_A[j, k] in float32. x: [N, in] float32 contiguous;
-// lora_A: [r, in] float32/float16/bfloat16 contiguous; xa: [N, r] float32 contiguous.
+// lora_A: [r, in] float32/float16/bfloat16 contiguous; xa: [N, r] float32 contiguous; xa_out:
+// undefined, xa itself, or [N, r] contiguous in another float dtype that gets the same values.
 void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, uint64_t seed, uint64_t offset,
-                 const at::Tensor& xa);
+                 const at::Tensor& xa, const at::Tensor& xa_out);
 
-// y[n, row] = x[n] . W[row] + bias[row] + scaling * xa[n] . lora_B[row], one warp per output row,
-// every code read once for all N <= kDecodeMaxTokens tokens. x: [N, in] float32, 16-byte aligned;
-// bias: float32 [out] or undefined; xa: float32 [N, r] or undefined (no LoRA); lora_B: [out, r]
-// contiguous float32/16/bf16; y: [N, out] contiguous float32/16/bf16.
-void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias, const at::Tensor& xa,
-                 const at::Tensor& lora_B, float scaling, const at::Tensor& y);
+// y[n, row] = x[n] . W[row] + bias[row] + scaling * (xa[n] . lora_B[row] + lora_bias[row]), one
+// warp per output row, every code read once for all N <= kDecodeMaxTokens tokens.
+// x: [N, in] float32, 16-byte aligned; w.scales, bias, lora_bias: contiguous, any float dtype,
+// bias/lora_bias may be undefined; xa: float32 [N, r] or undefined (no LoRA expand); lora_B:
+// [out, r] contiguous float32/16/bf16; y: [N, out] contiguous float32/16/bf16.
+void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias, const at::Tensor& lora_bias,
+                 const at::Tensor& xa, const at::Tensor& lora_B, float scaling, const at::Tensor& y);
 
 // ---- dropout.cu ---------------------------------------------------------------------------------
 // mask[i] = dropout_keep(seed, offset, i, p) for every element of the contiguous bool `mask`.

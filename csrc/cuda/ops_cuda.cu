@@ -4,7 +4,8 @@
 // Strategy per call (see DESIGN.md, "Kernel strategies"):
 //   * decode, 1 <= N <= kDecodeMaxTokens tokens, float32/16/bf16: GEMV kernels of gemv.cu that
 //     read every code once for all tokens; the LoRA shrink is one small kernel (dropout fused),
-//     the LoRA expand, bias and lora_bias are fused in the GEMV epilogue.
+//     the LoRA expand, bias and lora_bias are fused in the GEMV epilogue. With the conversion of
+//     x to float32 (skipped for float32 input), a call is 2 launches, 3 with LoRA.
 //   * prefill / training (more tokens, or float64): W is dequantized block by block into a
 //     workspace of at most kWorkspaceBytes (rows of W for x W^T, columns of W for g W) in the
 //     GEMM dtype (the input's), and each block is multiplied with cuBLAS straight into its slice
@@ -136,22 +137,18 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& input, const W
   at::Tensor y, xa;
   if (decode) {
     const at::Tensor xf = aligned_contiguous(x.to(at::kFloat));
-    at::Tensor bias_f;  // bias + s * lora_bias, float32
-    if (bias.has_value()) bias_f = bias->to(at::kFloat);
-    if (lora_bias.has_value()) {
-      const at::Tensor lb = lora_bias->to(at::kFloat);
-      bias_f = bias_f.defined() ? bias_f.add(lb, s) : lb.mul(s);
-    }
-    if (bias_f.defined()) bias_f = bias_f.contiguous();
+    const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const at::Tensor lora_bias_c = lora_bias.has_value() ? lora_bias->contiguous() : at::Tensor();
     at::Tensor xa_f, lora_B;
     if (lora != nullptr) {
+      const at::ScalarType a_dtype = lora->lora_A.scalar_type();
       xa_f = at::empty({n, lora->lora_A.size(0)}, x.options().dtype(at::kFloat));
-      lora_shrink(xf, lora->lora_A.contiguous(), lora->dropout_p, lora->seed, lora->offset, xa_f);
+      xa = a_dtype == at::kFloat ? xa_f : at::empty({n, lora->lora_A.size(0)}, x.options().dtype(a_dtype));
+      lora_shrink(xf, lora->lora_A.contiguous(), lora->dropout_p, lora->seed, lora->offset, xa_f, xa);
       lora_B = lora->lora_B.contiguous();
     }
     y = at::empty({n, out}, x.options());
-    decode_gemv(xf, w, bias_f, xa_f, lora_B, static_cast<float>(s), y);
-    if (lora != nullptr) xa = xa_f.to(lora->lora_A.scalar_type());
+    decode_gemv(xf, w, bias_c, lora_bias_c, xa_f, lora_B, static_cast<float>(s), y);
   } else {
     at::Tensor bias_g;  // bias + s * lora_bias, summed in the accumulation dtype, then x's dtype
     if (bias.has_value() || lora_bias.has_value()) {
