@@ -181,18 +181,7 @@ def lora_linear(
     seed: int = 0,
     offset: int = 0,
 ) -> Tensor:
-    """Differentiable reference of :func:`aqlm_lora.ops.aqlm_lora_linear` built from autograd ops."""
-    acc = compute_dtype(x)
-    weight = dequantize_as(codes, codebooks, scales, acc)
-    out = x.to(acc) @ weight.T
-    if bias is not None:
-        out = out + bias.to(acc)
-    xd = apply_dropout(x.to(acc).reshape(-1, x.shape[-1]), dropout_p, seed, offset).reshape(x.shape)
-    out = out + scaling * ((xd @ lora_A.to(acc).T) @ lora_B.to(acc).T)
-    if lora_bias is not None:
-        out = out + scaling * lora_bias.to(acc)
-    return out.to(x.dtype)
-
-
-def num_rows(shape: torch.Size | tuple[int, ...]) -> int:
-    return math.prod(shape[:-1])
+    """Differentiable reference of :func:`aqlm_lora.ops.aqlm_lora_linear` (autograd through torch ops)."""
+    args = (codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset)
+    out, _ = lora_forward(x, *args)
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import aqlm
@@ -16,29 +15,8 @@ from peft import LoraConfig
 from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear
 from torch import Tensor, nn
 
+from tests.helpers import SCHEME_IDS, SCHEMES, Scheme  # noqa: F401  (one scheme list for all tests)
 
-@dataclass(frozen=True)
-class Scheme:
-    num_codebooks: int
-    nbits: int
-    in_group: int = 8
-    out_group: int = 1
-
-    @property
-    def id(self) -> str:
-        suffix = "" if self.out_group == 1 else f"o{self.out_group}"
-        return f"{self.num_codebooks}x{self.nbits}g{self.in_group}{suffix}"
-
-
-SCHEMES = [
-    Scheme(1, 16),
-    Scheme(2, 8),
-    Scheme(1, 8),
-    Scheme(4, 8),
-    Scheme(1, 16, in_group=16),
-    Scheme(2, 8, out_group=2),
-]
-SCHEME_IDS = [s.id for s in SCHEMES]
 DTYPES = [torch.float32, torch.bfloat16]
 DTYPE_IDS = ["fp32", "bf16"]
 # out_features spans several of the CPU kernels' row blocks (and a partial one)
