@@ -6,7 +6,6 @@ ops document in :mod:`aqlm_lora.ops`.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
