@@ -18,7 +18,7 @@ def _run_all(w, x, g, lora_A, lora_B):
 @pytest.mark.parametrize("rows", [1, 4, 300], ids=["N1", "N4", "N300"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
 def test_one_and_two_threads_agree(scheme, rows):
-    w = make_weight(scheme, 256, 512, bias=True)
+    w = make_weight(scheme, 512, 1024, bias=True)  # big enough to split across threads
     x = torch.randn(rows, w.in_features)
     g = torch.randn(rows, w.out_features)
     lora_A, lora_B = torch.randn(8, w.in_features), torch.randn(w.out_features, 8)

@@ -30,7 +30,7 @@ void build_lut(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, a
   const AqlmDims& d = w.d;
   const int64_t C = d.num_codebooks, K = d.codebook_size, og = d.out_group, ig = d.in_group;
   const int64_t in = d.in_features();
-  at::parallel_for(0, d.in_groups, 8, [&](int64_t i_begin, int64_t i_end) {
+  at::parallel_for(0, d.in_groups, grain_for(C * K * og * n_rows), [&](int64_t i_begin, int64_t i_end) {
     for (int64_t i = i_begin; i < i_end; ++i) {
       for (int64_t ck = 0; ck < C * K; ++ck) {
         for (int64_t a = 0; a < og; ++a) {
@@ -59,7 +59,8 @@ void lut_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, ac
   std::vector<acc_t> lut(I * C * K * width);
   build_lut(w, x, n_rows, lut.data());
   const acc_t* table = lut.data();
-  at::parallel_for(0, (d.out_groups + kRowTile - 1) / kRowTile, 1, [&](int64_t t_begin, int64_t t_end) {
+  const int64_t tiles = (d.out_groups + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, tiles, grain_for(kRowTile * I * C * width), [&](int64_t t_begin, int64_t t_end) {
     acc_t acc[kRowTile * kMaxAccumulators];
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t o0 = t * kRowTile;
@@ -92,7 +93,8 @@ void gather_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows,
   const int64_t in = d.in_features(), out = d.out_features();
   const int64_t width = og * n_rows;  // dot products per output group
   const uint32_t mask = static_cast<uint32_t>(K - 1);
-  at::parallel_for(0, (d.out_groups + kRowTile - 1) / kRowTile, 1, [&](int64_t t_begin, int64_t t_end) {
+  const int64_t tiles = (d.out_groups + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, tiles, grain_for(kRowTile * I * C * og * n_rows * ig), [&](int64_t t_begin, int64_t t_end) {
     // Per-lane partial sums, reduced over the in_group lanes only at the end.
     std::vector<acc_t> acc(kRowTile * width * ig);
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -164,7 +166,7 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
                               scales_f.data_ptr<float>(), x.data_ptr<float>(), n, out.data_ptr<float>()};
   if (gather) {
     const at::Tensor cb = codebooks.contiguous();
-    at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
+    at::parallel_for(0, d.out_groups, grain_for(d.in_groups * d.num_codebooks * n), [&](int64_t o0, int64_t o1) {
       simd::gather_rows_avx2(p, cb.data_ptr(), type, o0, o1);
     });
     return true;
@@ -180,7 +182,9 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
     const int64_t chunk = std::max<int64_t>(1, kLutChunkBytes / (entries_per_group * 4));
     const float* s = scales_f.data_ptr<float>();
     float* y = out.data_ptr<float>();
-    at::parallel_for(0, d.out_groups, 64, [&](int64_t o0, int64_t o1) {
+    // At least 64 rows a thread, so the per-thread table build stays a small share of the work.
+    const int64_t grain = std::max<int64_t>(64, grain_for(d.in_groups * d.num_codebooks));
+    at::parallel_for(0, d.out_groups, grain, [&](int64_t o0, int64_t o1) {
       std::vector<float> table(std::min(chunk, d.in_groups) * entries_per_group);
       std::vector<float> partial(o1 - o0, 0.f);
       for (int64_t c0 = 0; c0 < d.in_groups; c0 += chunk) {
@@ -193,10 +197,11 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
     return true;
   }
   std::vector<float> table(d.in_groups * entries_per_group);
-  at::parallel_for(0, d.in_groups, 8, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, d.in_groups, grain_for(entries_per_group * d.in_group), [&](int64_t i0, int64_t i1) {
     simd::build_lut_avx2(p, cbt, 0, i0, i1, table.data());
   });
-  at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, d.out_groups, grain_for(d.in_groups * d.num_codebooks * entries_per_group / d.codebook_size),
+                   [&](int64_t o0, int64_t o1) {
     simd::lut_rows_avx2(p, table.data(), o0, o1);
   });
   return true;

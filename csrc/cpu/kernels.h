@@ -4,6 +4,7 @@
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "checks.h"
@@ -17,6 +18,14 @@ struct PlainAtenCalls {
   c10::impl::ExcludeDispatchKeyGuard no_autograd{c10::autograd_dispatch_keyset_with_ADInplaceOrView};
   c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
 };
+
+// Parallel loops hand each thread at least this many inner steps: waking a second thread costs
+// more than a small weight's whole matmul (and far more on a loaded machine).
+constexpr int64_t kMinParallelWork = int64_t{1} << 14;
+
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+}
 
 // Codebook row index of a stored (signed) code: value mod 2**nbits.
 template <typename code_t>

@@ -67,7 +67,8 @@ void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, at::Tensor& 
   if (use_decode(d, n)) return decode_gemm(w, x.data_ptr<acc_t>(), n, out.data_ptr<acc_t>());
   const int64_t groups_per_block = std::max<int64_t>(1, kBlockRows / d.out_group);
   const int64_t blocks = (d.out_groups + groups_per_block - 1) / groups_per_block;
-  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  const int64_t block_work = groups_per_block * d.out_group * in * (n + d.num_codebooks);
+  at::parallel_for(0, blocks, grain_for(block_work), [&](int64_t b_begin, int64_t b_end) {
     const PlainAtenCalls plain;
     std::vector<acc_t> buf(groups_per_block * d.out_group * in);
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -89,7 +90,8 @@ void base_gemm_t(const Weight<acc_t, code_t>& w, const at::Tensor& g, at::Tensor
   if (g.size(0) == 0) return;
   const int64_t groups_per_block = std::max<int64_t>(1, kBlockCols / d.in_group);
   const int64_t blocks = (d.in_groups + groups_per_block - 1) / groups_per_block;
-  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  const int64_t block_work = out * groups_per_block * d.in_group * (g.size(0) + d.num_codebooks);
+  at::parallel_for(0, blocks, grain_for(block_work), [&](int64_t b_begin, int64_t b_end) {
     const PlainAtenCalls plain;
     std::vector<acc_t> buf(out * groups_per_block * d.in_group);
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -145,7 +147,8 @@ at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebooks, 
     using acc_t = decltype(acc_tag);
     const auto w = view<acc_t, decltype(code_tag)>(pw);
     acc_t* dst = out.data_ptr<acc_t>();
-    at::parallel_for(0, d.out_groups, 16, [&](int64_t o0, int64_t o1) {
+    const int64_t row_work = d.out_group * d.in_features() * d.num_codebooks;
+    at::parallel_for(0, d.out_groups, grain_for(row_work), [&](int64_t o0, int64_t o1) {
       dequantize_tile(w, o0, o1, 0, d.in_groups, dst + o0 * d.out_group * d.in_features(), d.in_features());
     });
   });
