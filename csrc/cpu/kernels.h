@@ -2,22 +2,13 @@
 // contiguous buffers already converted to the accumulation type acc_t (float or double).
 #pragma once
 
-#include <c10/core/impl/LocalDispatchKeySet.h>
-
 #include <algorithm>
 #include <cstdint>
 
 #include "checks.h"
+#include "plain_aten.h"
 
 namespace aqlm_lora::cpu {
-
-// ATen calls made inside a kernel must reach the plain CPU kernels: no autograd recording and no
-// autocast re-casting. Worker threads of at::parallel_for do not inherit the caller's dispatch
-// state, so each lambda that calls ATen opens one of these too.
-struct PlainAtenCalls {
-  c10::impl::ExcludeDispatchKeyGuard no_autograd{c10::autograd_dispatch_keyset_with_ADInplaceOrView};
-  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
-};
 
 // Parallel loops hand each thread at least this many inner steps: waking a second thread costs
 // more than a small weight's whole matmul (and far more on a loaded machine).

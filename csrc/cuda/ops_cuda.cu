@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../plain_aten.h"
 #include "kernels.cuh"
 
 namespace aqlm_lora {
@@ -183,6 +184,7 @@ at::ScalarType dtype_or_float(const c10::optional<at::Tensor>& t) {
 // The ops.
 
 at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   c10::cuda::OptionalCUDAGuard guard(at::device_of(codes));
   check_bf16_supported({codebooks.scalar_type(), scales.scalar_type()});
@@ -194,6 +196,7 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& codebooks,
 
 at::Tensor aqlm_gemm_cuda(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& codebooks,
                           const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   check_rows(input, "input", d.in_features(), codes);
   check_vector(bias, "bias", d.out_features(), codes);
@@ -205,6 +208,7 @@ at::Tensor aqlm_gemm_cuda(const at::Tensor& input, const at::Tensor& codes, cons
 
 at::Tensor aqlm_gemm_t_cuda(const at::Tensor& grad, const at::Tensor& codes, const at::Tensor& codebooks,
                             const at::Tensor& scales) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   check_rows(grad, "grad", d.out_features(), codes);
   c10::cuda::OptionalCUDAGuard guard(at::device_of(grad));
@@ -216,6 +220,7 @@ at::Tensor aqlm_gemm_t_cuda(const at::Tensor& grad, const at::Tensor& codes, con
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& input, double dropout_p, int64_t seed, int64_t offset) {
+  const PlainAtenCalls plain;
   check_float(input, "input");
   check_dropout(dropout_p);
   c10::cuda::OptionalCUDAGuard guard(at::device_of(input));
@@ -230,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& input, co
                                                      const at::Tensor& lora_B,
                                                      const c10::optional<at::Tensor>& lora_bias, double scaling,
                                                      double dropout_p, int64_t seed, int64_t offset) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   check_rows(input, "input", d.in_features(), codes);
   check_vector(bias, "bias", d.out_features(), codes);
@@ -248,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& xa, const at::Tensor& codes,
     const at::Tensor& codebooks, const at::Tensor& scales, const at::Tensor& lora_A, const at::Tensor& lora_B,
     double scaling, double dropout_p, int64_t seed, int64_t offset, bool input_grad) {
+  const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   const int64_t in = d.in_features(), out = d.out_features();
   check_rows(input, "input", in, codes);
