@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-_CHUNK_ELEMENTS = 1 << 22  # at most this many distance entries (16 MiB of fp32) at a time
+_CHUNK_ELEMENTS = 1 << 20  # at most this many distance entries (4 MiB of fp32) at a time
 _KMEANS_PP_MAX_ENTRIES = 1024
 
 
@@ -77,7 +77,8 @@ class Scheme:
         return self.num_codebooks * self.nbits / (self.in_group_size * self.out_group_size)
 
     def __str__(self) -> str:
-        text = f"{self.num_codebooks}x{self.nbits}g{self.in_group_size}"
+        text = f"{self.num_codebooks}x{self.nbits}"
+        text += f"g{self.in_group_size}" if self.in_group_size != 8 else ""
         return text + (f"o{self.out_group_size}" if self.out_group_size != 1 else "")
 
     def aqlm_config(self, linear_weights_not_to_quantize: Iterable[str] = ()):
@@ -214,10 +215,10 @@ def kmeans(
         order = torch.randperm(n, generator=generator)
         if n >= k:
             centers = points[order[:k]].clone()
-        else:  # fewer points than entries: every point is a center, the rest are jittered copies
+        else:  # fewer points than entries: every point is a center (exact), the rest jittered copies
             extra = points[torch.randint(n, (k - n,), generator=generator)]
             noise = torch.randn(extra.shape, generator=generator, dtype=points.dtype)
-            centers = torch.cat([points[order], extra + 1e-3 * points.std() * noise])
+            return torch.cat([points[order], extra + 1e-3 * points.std() * noise])
     else:
         raise ValueError(f"unknown k-means init {init!r} (auto, kmeans++ or sample)")
     previous = None
@@ -472,14 +473,25 @@ def quantize_model(
     if not todo:
         what = "no nn.Linear layers" if not linears else f"no nn.Linear layers outside skip={list(skip)}"
         raise ValueError(f"{type(model).__name__} has {what} to quantize")
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
     for name, m in todo:
+        shared = [n for n in owners.get(id(m.weight), []) if n != f"{name}.weight"]
+        if shared:
+            raise ValueError(
+                f"layer {name} shares its weight with {shared[0]} (tied embeddings?); keep it dense with skip"
+            )
         if m.in_features % scheme.in_group_size or m.out_features % scheme.out_group_size:
             raise ValueError(
                 f"layer {name} [{m.out_features}, {m.in_features}] does not split into groups of "
                 f"{scheme.out_group_size} x {scheme.in_group_size} (scheme {scheme})"
             )
     errors: dict[str, list[float]] = {}
-    bar = tqdm(todo, desc=f"quantize {scheme}", unit="layer", disable=not progress, leave=False)
+    bar = tqdm(
+        todo, desc=f"quantize {scheme}", unit="layer", disable=None if progress else True, leave=False
+    )  # None: only on a terminal
     for name, linear in bar:
         layer, errs = quantize_linear(linear, scheme, **kwargs)
         _set_submodule(model, name, layer)
