@@ -119,4 +119,40 @@ inline void check_dropout(double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "aqlm_lora: dropout_p must be in [0, 1), got ", p);
 }
 
+// Sizes of one LoRA call: the weight's, the rows N of input and the rank r.
+struct LoraCall {
+  AqlmDims d;
+  int64_t n;
+  int64_t r;
+};
+
+inline LoraCall check_lora_forward(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& codebooks,
+                                   const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                   const c10::optional<at::Tensor>& lora_bias, double dropout_p) {
+  LoraCall c{check_weight(codes, codebooks, scales), 0, 0};
+  c.n = check_rows(input, "input", c.d.in_features(), codes);
+  check_vector(bias, "bias", c.d.out_features(), codes);
+  c.r = check_lora(lora_A, lora_B, c.d, codes);
+  check_vector(lora_bias, "lora_bias", c.d.out_features(), codes);
+  check_dropout(dropout_p);
+  return c;
+}
+
+inline LoraCall check_lora_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& xa,
+                                    const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
+                                    const at::Tensor& lora_A, const at::Tensor& lora_B, double dropout_p) {
+  LoraCall c{check_weight(codes, codebooks, scales), 0, 0};
+  c.n = check_rows(input, "input", c.d.in_features(), codes);
+  c.r = check_lora(lora_A, lora_B, c.d, codes);
+  TORCH_CHECK(check_rows(grad, "grad", c.d.out_features(), codes) == c.n, "aqlm_lora: grad must have ", c.n,
+              " rows like input, got shape ", grad.sizes());
+  check_float(xa, "xa");
+  check_same_device(codes, xa, "xa");
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == c.n && xa.size(1) == c.r, "aqlm_lora: xa must have shape [", c.n, ", ",
+              c.r, "], got ", xa.sizes());
+  check_dropout(dropout_p);
+  return c;
+}
+
 }  // namespace aqlm_lora

@@ -235,12 +235,9 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& input, con
                                                     const c10::optional<at::Tensor>& lora_bias, double scaling,
                                                     double dropout_p, int64_t seed, int64_t offset) {
   const PlainAtenCalls plain;
-  const AqlmDims d = check_weight(codes, codebooks, scales);
-  const int64_t n = check_rows(input, "input", d.in_features(), codes);
-  check_vector(bias, "bias", d.out_features(), codes);
-  check_lora(lora_A, lora_B, d, codes);
-  check_vector(lora_bias, "lora_bias", d.out_features(), codes);
-  check_dropout(dropout_p);
+  const LoraCall call = check_lora_forward(input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, dropout_p);
+  const AqlmDims& d = call.d;
+  const int64_t n = call.n;
   const at::ScalarType acc = acc_type(input);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
   at::Tensor out = base_forward(x, input, codes, codebooks, scales, d, bias);
@@ -256,15 +253,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& codebooks, const at::Tensor& scales, const at::Tensor& lora_A, const at::Tensor& lora_B,
     double scaling, double dropout_p, int64_t seed, int64_t offset, bool input_grad) {
   const PlainAtenCalls plain;
-  const AqlmDims d = check_weight(codes, codebooks, scales);
-  const int64_t n = check_rows(input, "input", d.in_features(), codes);
-  const int64_t r = check_lora(lora_A, lora_B, d, codes);
-  TORCH_CHECK(check_rows(grad, "grad", d.out_features(), codes) == n, "aqlm_lora: grad must have ", n,
-              " rows like input, got shape ", grad.sizes());
-  check_float(xa, "xa");
-  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == n && xa.size(1) == r, "aqlm_lora: xa must have shape [", n, ", ", r,
-              "], got ", xa.sizes());
-  check_dropout(dropout_p);
+  const LoraCall call = check_lora_backward(grad, input, xa, codes, codebooks, scales, lora_A, lora_B, dropout_p);
+  const AqlmDims& d = call.d;
+  const int64_t n = call.n;
   const at::ScalarType acc = acc_type(input);
   const at::Tensor g = rows_of(grad, n, d.out_features(), acc);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);

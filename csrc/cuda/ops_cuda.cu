@@ -236,12 +236,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& input, co
                                                      const c10::optional<at::Tensor>& lora_bias, double scaling,
                                                      double dropout_p, int64_t seed, int64_t offset) {
   const PlainAtenCalls plain;
-  const AqlmDims d = check_weight(codes, codebooks, scales);
-  check_rows(input, "input", d.in_features(), codes);
-  check_vector(bias, "bias", d.out_features(), codes);
-  check_lora(lora_A, lora_B, d, codes);
-  check_vector(lora_bias, "lora_bias", d.out_features(), codes);
-  check_dropout(dropout_p);
+  const AqlmDims d =
+      check_lora_forward(input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, dropout_p).d;
   c10::cuda::OptionalCUDAGuard guard(at::device_of(input));
   check_bf16_supported({input.scalar_type(), codebooks.scalar_type(), scales.scalar_type(), dtype_or_float(bias),
                         lora_A.scalar_type(), lora_B.scalar_type(), dtype_or_float(lora_bias)});
@@ -255,19 +251,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     const at::Tensor& codebooks, const at::Tensor& scales, const at::Tensor& lora_A, const at::Tensor& lora_B,
     double scaling, double dropout_p, int64_t seed, int64_t offset, bool input_grad) {
   const PlainAtenCalls plain;
-  const AqlmDims d = check_weight(codes, codebooks, scales);
+  const LoraCall call = check_lora_backward(grad, input, xa, codes, codebooks, scales, lora_A, lora_B, dropout_p);
+  const AqlmDims& d = call.d;
   const int64_t in = d.in_features(), out = d.out_features();
-  check_rows(input, "input", in, codes);
-  check_rows(grad, "grad", out, codes);
-  const int64_t r = check_lora(lora_A, lora_B, d, codes);
-  check_float(xa, "xa");
-  check_same_device(codes, xa, "xa");
-  check_dropout(dropout_p);
-  const int64_t n = leading_rows(input);
-  TORCH_CHECK(leading_rows(grad) == n, "aqlm_lora: grad must have as many rows as input (", n, "), got shape ",
-              grad.sizes());
-  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == n && xa.size(1) == r, "aqlm_lora: xa must have shape [", n, ", ", r,
-              "] (rows of input, rank of lora_A), got ", xa.sizes());
+  const int64_t n = call.n, r = call.r;
   c10::cuda::OptionalCUDAGuard guard(at::device_of(input));
   check_bf16_supported({grad.scalar_type(), input.scalar_type(), xa.scalar_type(), codebooks.scalar_type(),
                         scales.scalar_type(), lora_A.scalar_type(), lora_B.scalar_type()});
