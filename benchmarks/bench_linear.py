@@ -731,16 +731,7 @@ def write_csv(path: Path, rows: list[dict], train_rows: list[dict]) -> None:
                 cell = r.get(key)
                 if cell is None:
                     continue
-                writer.writerow(
-                    {
-                        **base,
-                        "impl": impl,
-                        "median_ms": f"{cell['ms']:.6g}" if "ms" in cell else "",
-                        "iqr_ms": f"{cell['iqr']:.3g}" if "iqr" in cell else "",
-                        "rel_err": f"{cell['err']:.3g}" if "err" in cell else "",
-                        "status": cell.get("status", "ok" if key != "aqlm_mt" else "wrong results"),
-                    }
-                )
+                writer.writerow(_csv_cell(base, impl, cell, "ok" if key != "aqlm_mt" else "wrong results"))
         for r in train_rows:
             base = {
                 "kind": "training",
@@ -758,17 +749,19 @@ def write_csv(path: Path, rows: list[dict], train_rows: list[dict]) -> None:
             for impl, cell in cells:
                 if not cell:
                     continue
-                writer.writerow(
-                    {
-                        **base,
-                        "impl": impl,
-                        "median_ms": f"{cell['ms']:.6g}" if "ms" in cell else "",
-                        "iqr_ms": f"{cell['iqr']:.3g}" if "iqr" in cell else "",
-                        "rel_err": f"{cell['err']:.3g}" if "err" in cell else "",
-                        "peak_bytes": cell.get("peak", ""),
-                        "status": cell.get("status", "ok"),
-                    }
-                )
+                writer.writerow({**_csv_cell(base, impl, cell, "ok"), "peak_bytes": cell.get("peak", "")})
+
+
+def _csv_cell(base: dict, impl: str, cell: dict, default_status: str) -> dict:
+    """One CSV row from a measured cell ({ms, iqr, err, status}, any of them missing)."""
+    return {
+        **base,
+        "impl": impl,
+        "median_ms": f"{cell['ms']:.6g}" if "ms" in cell else "",
+        "iqr_ms": f"{cell['iqr']:.3g}" if "iqr" in cell else "",
+        "rel_err": f"{cell['err']:.3g}" if "err" in cell else "",
+        "status": cell.get("status", default_status),
+    }
 
 
 def plot(path: Path, rows: list[dict], shapes, schemes) -> None:
