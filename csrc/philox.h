@@ -38,10 +38,14 @@ AQLM_LORA_HOST_DEVICE PhiloxWords philox4x32_10(uint64_t counter_lo, uint64_t co
   return PhiloxWords{{c0, c1, c2, c3}};
 }
 
-// Uniform in [0, 1) with 24 random bits (exact in float32).
+// The uniform in [0, 1) of one Philox word: its top 24 bits, exact in float32.
+AQLM_LORA_HOST_DEVICE float word_to_uniform(uint32_t word) {
+  return static_cast<float>(word >> 8) * (1.0f / 16777216.0f);
+}
+
+// Uniform of element `index`: word index % 4 of the call with counter (index / 4, offset).
 AQLM_LORA_HOST_DEVICE float philox_uniform(uint64_t seed, uint64_t offset, uint64_t index) {
-  const PhiloxWords r = philox4x32_10(index >> 2, offset, seed);
-  return static_cast<float>(r.w[index & 3] >> 8) * (1.0f / 16777216.0f);
+  return word_to_uniform(philox4x32_10(index >> 2, offset, seed).w[index & 3]);
 }
 
 // An element is kept when its uniform draw is >= dropout_p.

@@ -19,7 +19,7 @@ void for_each_draw(int64_t numel, uint64_t seed, uint64_t offset, F&& f) {
       const PhiloxWords r = philox4x32_10(static_cast<uint64_t>(q), offset, seed);
       const int64_t end = std::min<int64_t>(4, numel - 4 * q);
       for (int64_t j = 0; j < end; ++j)
-        f(4 * q + j, static_cast<float>(r.w[j] >> 8) * (1.0f / 16777216.0f));
+        f(4 * q + j, word_to_uniform(r.w[j]));
     }
   });
 }

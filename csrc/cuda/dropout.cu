@@ -9,28 +9,25 @@ namespace aqlm_lora {
 namespace cuda {
 namespace {
 
-// The 4 keep decisions of elements 4q .. 4q+3. Same formula as philox.h's dropout_keep (which
-// draws philox4x32_10(index >> 2, offset, seed).w[index & 3] per element), computed once per
-// quadruple. The CUDA tests compare dropout_mask with the CPU/reference mask, which pins the two.
-__device__ __forceinline__ void keep_quad(uint64_t q, uint64_t seed, uint64_t offset, float p, bool (&keep)[4]) {
-  const PhiloxWords r = philox4x32_10(q, offset, seed);
+// Calls f(i, keep_i) for every element i < numel, one thread per quadruple 4q .. 4q+3 so each
+// Philox call (counter q, see philox.h's philox_uniform) serves four elements.
+template <typename F>
+__device__ __forceinline__ void for_each_keep(int64_t numel, uint64_t seed, uint64_t offset, float p, F&& f) {
+  const int64_t quads = (numel + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < quads; q += stride) {
+    const PhiloxWords r = philox4x32_10(static_cast<uint64_t>(q), offset, seed);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) keep[j] = static_cast<float>(r.w[j] >> 8) * (1.0f / 16777216.0f) >= p;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = 4 * q + j;
+      if (i < numel) f(i, word_to_uniform(r.w[j]) >= p);
+    }
+  }
 }
 
 __global__ void __launch_bounds__(kThreads)
     dropout_mask_kernel(bool* __restrict__ mask, int64_t numel, uint64_t seed, uint64_t offset, float p) {
-  const int64_t quads = (numel + 3) / 4;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < quads; q += stride) {
-    bool keep[4];
-    keep_quad(static_cast<uint64_t>(q), seed, offset, p, keep);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = 4 * q + j;
-      if (i < numel) mask[i] = keep[j];
-    }
-  }
+  for_each_keep(numel, seed, offset, p, [&](int64_t i, bool keep) { mask[i] = keep; });
 }
 
 // x * mask / (1 - p), computed like reference.apply_dropout: (x * 1.0 or 0.0) / (1 - p) in the
@@ -40,20 +37,10 @@ __global__ void __launch_bounds__(kThreads)
     dropout_scale_kernel(T* __restrict__ data, int64_t numel, uint64_t seed, uint64_t offset, float p,
                          acc_type_t<T, T> one_minus_p) {
   using acc_t = acc_type_t<T, T>;
-  const int64_t quads = (numel + 3) / 4;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < quads; q += stride) {
-    bool keep[4];
-    keep_quad(static_cast<uint64_t>(q), seed, offset, p, keep);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = 4 * q + j;
-      if (i < numel) {
-        const acc_t v = static_cast<acc_t>(data[i]) * (keep[j] ? acc_t(1) : acc_t(0));
-        data[i] = to_out<T>(v / one_minus_p);
-      }
-    }
-  }
+  for_each_keep(numel, seed, offset, p, [&](int64_t i, bool keep) {
+    const acc_t v = static_cast<acc_t>(data[i]) * (keep ? acc_t(1) : acc_t(0));
+    data[i] = to_out<T>(v / one_minus_p);
+  });
 }
 
 }  // namespace
