@@ -14,13 +14,15 @@ regenerated in the backward instead of being stored.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loading the extension registers the ops)
+from . import (
+    _C,  # noqa: F401  (loading the extension registers the ops)
+    checks,
+)
 
 
 def dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
@@ -40,6 +42,7 @@ def aqlm_gemm_t(grad: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) 
 
 def dropout_mask(input: Tensor, dropout_p: float, seed: int, offset: int = 0) -> Tensor:
     """Boolean keep-mask shaped like ``input`` that ``lora_forward`` uses for this seed/offset."""
+    checks.check_seed(seed, offset)
     return torch.ops.aqlm_lora.dropout_mask.default(input, dropout_p, seed, offset)
 
 
@@ -61,6 +64,7 @@ def lora_forward(
 
     Returns ``(out [..., out], xa [N, r])`` with ``xa = dropout(input) @ A^T`` (kept for backward).
     """
+    checks.check_seed(seed, offset)  # values past int64 never reach the op's own check
     return torch.ops.aqlm_lora.lora_forward.default(
         input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset
     )
@@ -83,42 +87,42 @@ def lora_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_input, grad_A, grad_B)`` of :func:`lora_forward`; ``grad_input`` is an empty
     ``[0]`` tensor when ``input_grad`` is False (the base matmul is then skipped)."""
+    checks.check_seed(seed, offset)
     return torch.ops.aqlm_lora.lora_backward.default(
         grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling, dropout_p, seed, offset, input_grad
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
-
-
-def _out_features(codes: Tensor, codebooks: Tensor) -> int:
-    return codes.shape[0] * codebooks.shape[2]
-
-
-def _in_features(codes: Tensor, codebooks: Tensor) -> int:
-    return codes.shape[1] * codebooks.shape[3]
+# Fake kernels: the C++ argument checks (same messages, see checks.py), then shapes and dtypes,
+# for torch.compile / FakeTensor tracing and meta tensors. Outputs are contiguous, like the kernels'.
 
 
 @torch.library.register_fake("aqlm_lora::dequantize")
 def _dequantize_fake(codes, codebooks, scales):
-    return codebooks.new_empty((_out_features(codes, codebooks), _in_features(codes, codebooks)))
+    checks.check_weight(codes, codebooks, scales)
+    return codebooks.new_empty((checks.out_features(codes, codebooks), checks.in_features(codes, codebooks)))
 
 
 @torch.library.register_fake("aqlm_lora::aqlm_gemm")
 def _aqlm_gemm_fake(input, codes, codebooks, scales, bias):
-    torch._check(input.shape[-1] == _in_features(codes, codebooks))
-    return input.new_empty((*input.shape[:-1], _out_features(codes, codebooks)))
+    checks.check_weight(codes, codebooks, scales)
+    checks.check_rows(input, "input", checks.in_features(codes, codebooks), codes)
+    checks.check_vector(bias, "bias", checks.out_features(codes, codebooks), codes)
+    return input.new_empty((*input.shape[:-1], checks.out_features(codes, codebooks)))
 
 
 @torch.library.register_fake("aqlm_lora::aqlm_gemm_t")
 def _aqlm_gemm_t_fake(grad, codes, codebooks, scales):
-    torch._check(grad.shape[-1] == _out_features(codes, codebooks))
-    return grad.new_empty((*grad.shape[:-1], _in_features(codes, codebooks)))
+    checks.check_weight(codes, codebooks, scales)
+    checks.check_rows(grad, "grad", checks.out_features(codes, codebooks), codes)
+    return grad.new_empty((*grad.shape[:-1], checks.in_features(codes, codebooks)))
 
 
 @torch.library.register_fake("aqlm_lora::dropout_mask")
 def _dropout_mask_fake(input, dropout_p, seed, offset):
+    checks.check_dropout(dropout_p)
+    checks.check_seed(seed, offset)
     return input.new_empty(input.shape, dtype=torch.bool)
 
 
@@ -126,26 +130,44 @@ def _dropout_mask_fake(input, dropout_p, seed, offset):
 def _lora_forward_fake(
     input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset
 ):
-    torch._check(input.shape[-1] == lora_A.shape[1])
+    n, r = checks.check_lora_forward(
+        input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset
+    )
     out = input.new_empty((*input.shape[:-1], lora_B.shape[0]))
-    xa = lora_A.new_empty((math.prod(input.shape[:-1]), lora_A.shape[0]))
-    return out, xa
+    return out, lora_A.new_empty((n, r))
 
 
 @torch.library.register_fake("aqlm_lora::lora_backward")
 def _lora_backward_fake(
     grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling, dropout_p, seed, offset, input_grad
 ):
+    checks.check_lora_backward(
+        grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling, dropout_p, seed, offset
+    )
     grad_input = input.new_empty(input.shape) if input_grad else input.new_empty((0,))
-    return grad_input, torch.empty_like(lora_A), torch.empty_like(lora_B)
+    return grad_input, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
 # ---------------------------------------------------------------------------------------------
 # Autograd, made of the ops above. Codebooks, scales and codes are frozen: no gradient flows to them.
 
 
-def _sum_rows(grad: Tensor, like: Tensor) -> Tensor:
-    return grad.reshape(-1, grad.shape[-1]).sum(0).to(like.dtype)
+def _sum_rows(grad: Tensor, scale: float = 1.0) -> Tensor:
+    """Bias gradients: summed over rows in float32 (float64 for float64), as the kernels
+    accumulate; summing in fp16 overflows at a few thousand rows, bf16 loses digits."""
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    total = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=acc)
+    return total if scale == 1.0 else total * scale
+
+
+def _refuse_double_backward(op: str, *tensors: Optional[Tensor]) -> None:
+    """Second-order gradients of the fused ops are not implemented: refuse instead of letting
+    autograd hand back a silent None (create_graph=True runs the backward with grad mode on)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise NotImplementedError(
+            f"aqlm_lora: double backward (create_graph=True, second-order gradients) through {op} is not "
+            "supported; compute first-order gradients only, or use a dense copy of the layer for this"
+        )
 
 
 def _aqlm_gemm_setup(ctx, inputs, output):
@@ -156,11 +178,26 @@ def _aqlm_gemm_setup(ctx, inputs, output):
 def _aqlm_gemm_backward(ctx, grad):
     codes, codebooks, scales, bias = ctx.saved_tensors
     grad_input = aqlm_gemm_t(grad, codes, codebooks, scales) if ctx.needs_input_grad[0] else None
-    grad_bias = _sum_rows(grad, bias) if bias is not None and ctx.needs_input_grad[4] else None
+    grad_bias = _sum_rows(grad).to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
     return grad_input, None, None, None, grad_bias
 
 
 torch.library.register_autograd("aqlm_lora::aqlm_gemm", _aqlm_gemm_backward, setup_context=_aqlm_gemm_setup)
+
+
+# aqlm_gemm_t is linear in grad with the transposed matrix, so its backward is aqlm_gemm: this
+# makes second-order gradients of the base layer (create_graph=True) exact.
+def _aqlm_gemm_t_setup(ctx, inputs, output):
+    _, codes, codebooks, scales = inputs
+    ctx.save_for_backward(codes, codebooks, scales)
+
+
+def _aqlm_gemm_t_backward(ctx, grad):
+    codes, codebooks, scales = ctx.saved_tensors
+    return aqlm_gemm(grad, codes, codebooks, scales, None), None, None, None
+
+
+torch.library.register_autograd("aqlm_lora::aqlm_gemm_t", _aqlm_gemm_t_backward, setup_context=_aqlm_gemm_t_setup)
 
 
 def _lora_forward_setup(ctx, inputs, output):
@@ -179,12 +216,12 @@ def _lora_forward_backward(ctx, grad, grad_xa):
     input, xa, codes, codebooks, scales, lora_A, lora_B = ctx.saved_tensors
     scaling, dropout_p, seed, offset = ctx.params
     needs = ctx.needs_input_grad
+    _refuse_double_backward("lora_forward", grad, input, lora_A, lora_B)
     grad_input, grad_A, grad_B = lora_backward(
         grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling, dropout_p, seed, offset, needs[0]
     )
-    rows = grad.reshape(-1, grad.shape[-1])
-    grad_bias = rows.sum(0).to(ctx.bias_dtype) if ctx.has_bias and needs[4] else None
-    grad_lora_bias = (rows.sum(0) * scaling).to(ctx.lora_bias_dtype) if ctx.has_lora_bias and needs[7] else None
+    grad_bias = _sum_rows(grad).to(ctx.bias_dtype) if ctx.has_bias and needs[4] else None
+    grad_lora_bias = _sum_rows(grad, scaling).to(ctx.lora_bias_dtype) if ctx.has_lora_bias and needs[7] else None
     return (
         grad_input if needs[0] else None,
         None,

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace aqlm_lora {
@@ -119,6 +120,16 @@ inline void check_dropout(double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "aqlm_lora: dropout_p must be in [0, 1), got ", p);
 }
 
+inline void check_scaling(double scaling) {
+  TORCH_CHECK(std::isfinite(scaling), "aqlm_lora: scaling must be finite, got ", scaling);
+}
+
+// The schema's int is int64; a negative seed or offset would alias a large unsigned one.
+inline void check_seed(int64_t seed, int64_t offset) {
+  TORCH_CHECK(seed >= 0, "aqlm_lora: seed must be an integer in [0, 2**63 - 1], got ", seed);
+  TORCH_CHECK(offset >= 0, "aqlm_lora: offset must be an integer in [0, 2**63 - 1], got ", offset);
+}
+
 // Sizes of one LoRA call: the weight's, the rows N of input and the rank r.
 struct LoraCall {
   AqlmDims d;
@@ -129,19 +140,23 @@ struct LoraCall {
 inline LoraCall check_lora_forward(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& codebooks,
                                    const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
                                    const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                   const c10::optional<at::Tensor>& lora_bias, double dropout_p) {
+                                   const c10::optional<at::Tensor>& lora_bias, double scaling, double dropout_p,
+                                   int64_t seed, int64_t offset) {
   LoraCall c{check_weight(codes, codebooks, scales), 0, 0};
   c.n = check_rows(input, "input", c.d.in_features(), codes);
   check_vector(bias, "bias", c.d.out_features(), codes);
   c.r = check_lora(lora_A, lora_B, c.d, codes);
   check_vector(lora_bias, "lora_bias", c.d.out_features(), codes);
   check_dropout(dropout_p);
+  check_scaling(scaling);
+  check_seed(seed, offset);
   return c;
 }
 
 inline LoraCall check_lora_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& xa,
                                     const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
-                                    const at::Tensor& lora_A, const at::Tensor& lora_B, double dropout_p) {
+                                    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                                    double dropout_p, int64_t seed, int64_t offset) {
   LoraCall c{check_weight(codes, codebooks, scales), 0, 0};
   c.n = check_rows(input, "input", c.d.in_features(), codes);
   c.r = check_lora(lora_A, lora_B, c.d, codes);
@@ -152,6 +167,8 @@ inline LoraCall check_lora_backward(const at::Tensor& grad, const at::Tensor& in
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == c.n && xa.size(1) == c.r, "aqlm_lora: xa must have shape [", c.n, ", ",
               c.r, "], got ", xa.sizes());
   check_dropout(dropout_p);
+  check_scaling(scaling);
+  check_seed(seed, offset);
   return c;
 }
 

@@ -17,14 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
-    "selection",
-    ["test_aqlm_gemm and (N1 or N7)", "test_lora_forward and (N1 or N7)", "test_lora_backward and N7"],
-    ids=["gemm", "lora_forward", "lora_backward"],
+    "path,selection",
+    [
+        ("tests/test_ops.py", "test_aqlm_gemm and (N1 or N7)"),
+        ("tests/test_ops.py", "test_lora_forward and (N1 or N7)"),
+        ("tests/test_ops.py", "test_lora_backward and N7"),
+        ("tests/test_scheme_grid.py", "fp32"),
+    ],
+    ids=["gemm", "lora_forward", "lora_backward", "scheme_grid"],
 )
-def test_generic_kernels_pass_op_tests(selection):
+def test_generic_kernels_pass_op_tests(path, selection):
     env = dict(os.environ, AQLM_LORA_CPU_KERNELS="generic")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_ops.py", "-q", "-p", "no:cacheprovider", "-k", selection],
+        [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", "-k", selection],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -31,7 +31,7 @@ void dequantize_tile_impl(const Weight<acc_t, code_t>& w, int64_t o0, int64_t o1
             const acc_t* e = w.codebooks + ((c * K + code_index(cp[c], mask)) * og + a) * ig + b0;
             for (int64_t b = 0; b < len; ++b) v[b] += e[b];
           }
-          for (int64_t b = 0; b < len; ++b) out[b] = v[b] * s;
+          for (int64_t b = 0; b < len; ++b) out[b0 + b] = v[b] * s;
         }
       }
     }

@@ -59,4 +59,17 @@ void apply_dropout(const acc_t* src, acc_t* dst, int64_t numel, float dropout_p,
 
 void dropout_mask(bool* dst, int64_t numel, float dropout_p, uint64_t seed, uint64_t offset);
 
+// The LoRA matmuls (lora_gemm.cpp), contiguous row-major, each output reduced in a fixed order so
+// results do not depend on the thread count:
+// y [N, r] = x [N, k] @ a [r, k]^T
+template <typename acc_t>
+void rows_dot(const acc_t* x, const acc_t* a, int64_t n_rows, int64_t r, int64_t k, acc_t* y);
+// y [N, m] = (accumulate ? y : 0) + alpha * u [N, r] @ v [r, m]
+template <typename acc_t>
+void expand(const acc_t* u, const acc_t* v, int64_t n_rows, int64_t r, int64_t m, acc_t alpha, bool accumulate,
+            acc_t* y);
+// y [r, m] = alpha * u [N, r]^T @ v [N, m]
+template <typename acc_t>
+void outer_sum(const acc_t* u, const acc_t* v, int64_t n_rows, int64_t r, int64_t m, acc_t alpha, acc_t* y);
+
 }  // namespace aqlm_lora::cpu

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "checks.h"
@@ -68,21 +69,44 @@ at::Tensor as_gemm_operand(acc_t* data, at::IntArrayRef sizes, at::ScalarType dt
 // The many-row GEMMs run in bfloat16 (oneDNN accumulates in float32) when the activations are
 // bfloat16 and the CPU has native bf16 dot products: about 4x faster than float32, with the
 // rounding plain bf16 PyTorch has (W rounded to bf16). Otherwise in the accumulation type.
-at::ScalarType gemm_dtype(at::ScalarType input, at::ScalarType acc, const AqlmDims& d, int64_t n) {
+at::ScalarType gemm_dtype(at::ScalarType input, at::ScalarType acc) {
 #if defined(__x86_64__)
   static const bool native_bf16 = __builtin_cpu_supports("avx512bf16");
-  if (native_bf16 && input == at::kBFloat16 && !use_decode(d, n)) return at::kBFloat16;
+  if (native_bf16 && input == at::kBFloat16) return at::kBFloat16;
 #endif
   return acc;
 }
 
+// The few-token kernels sum x . codebook per codebook before adding the codebooks up, so an
+// infinite x meeting codebook entries of opposite signs gives inf - inf = NaN where x @ W^T (W
+// summed first) gives +-inf. Rows with Inf or NaN therefore take the dequantize + GEMM path,
+// which propagates them exactly like F.linear. The scan costs N * in reads, next to O * in codes.
+template <typename acc_t>
+bool all_finite(const acc_t* x, int64_t numel) {
+  for (int64_t k = 0; k < numel; ++k) {
+    if (!std::isfinite(x[k])) return false;
+  }
+  return true;
+}
+
+bool decode_applies(const at::Tensor& x, const AqlmDims& d) {
+  const int64_t n = x.size(0);
+  if (!use_decode(d, n)) return false;
+  bool finite = true;
+  dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+    using acc_t = decltype(acc_tag);
+    finite = all_finite(x.data_ptr<acc_t>(), x.numel());
+  });
+  return finite;
+}
+
 // out [N, out] = x [N, in] @ W^T, contiguous; x and out in acc_t, or both in bfloat16 (gemm_dtype).
 template <typename acc_t, typename code_t>
-void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, at::Tensor& out) {
+void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, bool decode, at::Tensor& out) {
   const AqlmDims& d = w.d;
   const int64_t n = x.size(0), in = d.in_features();
   if (n == 0) return;
-  if (use_decode(d, n)) return decode_gemm(w, x.data_ptr<acc_t>(), n, out.data_ptr<acc_t>());
+  if (decode) return decode_gemm(w, x.data_ptr<acc_t>(), n, out.data_ptr<acc_t>());
   const int64_t groups_per_block = std::max<int64_t>(1, kBlockRows / d.out_group);
   const int64_t blocks = (d.out_groups + groups_per_block - 1) / groups_per_block;
   const int64_t block_work = groups_per_block * d.out_group * in * (n + d.num_codebooks);
@@ -124,6 +148,39 @@ void base_gemm_t(const Weight<acc_t, code_t>& w, const at::Tensor& g, at::Tensor
   });
 }
 
+// The LoRA matmuls on acc-type tensors (see lora_gemm.cpp for why they are not BLAS calls).
+at::Tensor lora_rows_dot(const at::Tensor& x, const at::Tensor& a) {
+  const at::Tensor xc = x.contiguous(), ac = a.contiguous();
+  at::Tensor y = at::empty({x.size(0), a.size(0)}, x.options());
+  dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+    using acc_t = decltype(acc_tag);
+    rows_dot<acc_t>(xc.data_ptr<acc_t>(), ac.data_ptr<acc_t>(), x.size(0), a.size(0), x.size(1), y.data_ptr<acc_t>());
+  });
+  return y;
+}
+
+// y (+)= alpha * u [N, r] @ v [r, m]; y contiguous [N, m].
+void lora_expand(const at::Tensor& u, const at::Tensor& v, double alpha, bool accumulate, at::Tensor& y) {
+  const at::Tensor uc = u.contiguous(), vc = v.contiguous();
+  dispatch_types(y.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+    using acc_t = decltype(acc_tag);
+    expand<acc_t>(uc.data_ptr<acc_t>(), vc.data_ptr<acc_t>(), u.size(0), u.size(1), v.size(1),
+                  static_cast<acc_t>(alpha), accumulate, y.data_ptr<acc_t>());
+  });
+}
+
+// alpha * u [N, r]^T @ v [N, m] -> [r, m]
+at::Tensor lora_outer_sum(const at::Tensor& u, const at::Tensor& v, double alpha) {
+  const at::Tensor uc = u.contiguous(), vc = v.contiguous();
+  at::Tensor y = at::empty({u.size(1), v.size(1)}, v.options());
+  dispatch_types(v.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+    using acc_t = decltype(acc_tag);
+    outer_sum<acc_t>(uc.data_ptr<acc_t>(), vc.data_ptr<acc_t>(), u.size(0), u.size(1), v.size(1),
+                     static_cast<acc_t>(alpha), y.data_ptr<acc_t>());
+  });
+  return y;
+}
+
 // In place: x = x * keep / (1 - p).
 at::Tensor& dropout_(at::Tensor& x, double p, int64_t seed, int64_t offset) {
   dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
@@ -149,13 +206,14 @@ at::Tensor base_forward(const at::Tensor& x, const at::Tensor& input, const at::
   const at::ScalarType acc = x.scalar_type();
   const int64_t n = x.size(0);
   at::Tensor out = at::empty({n, d.out_features()}, x.options());
-  if (!fast_decode(x, codes, codebooks, scales, d, out)) {
+  const bool decode = decode_applies(x, d);
+  if (!(decode && fast_decode(x, codes, codebooks, scales, d, out))) {
     const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
-    const at::ScalarType gemm = gemm_dtype(input.scalar_type(), acc, d, n);
+    const at::ScalarType gemm = decode ? acc : gemm_dtype(input.scalar_type(), acc);
     const at::Tensor gemm_x = gemm == acc ? x : input.reshape({n, d.in_features()}).contiguous();
     at::Tensor gemm_out = gemm == acc ? out : at::empty({n, d.out_features()}, gemm_x.options());
     dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
-      base_gemm(view<decltype(acc_tag), decltype(code_tag)>(pw), gemm_x, gemm_out);
+      base_gemm(view<decltype(acc_tag), decltype(code_tag)>(pw), gemm_x, decode, gemm_out);
     });
     if (gemm != acc) out.copy_(gemm_out);
   }
@@ -170,7 +228,8 @@ at::Tensor base_backward(const at::Tensor& g, const at::Tensor& grad, const at::
   const at::ScalarType acc = g.scalar_type();
   const int64_t n = g.size(0);
   const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
-  const at::ScalarType gemm = gemm_dtype(grad.scalar_type(), acc, d, n);
+  // Few rows keep the accumulation type (fp32 is cheap there and exact for the bf16 inputs).
+  const at::ScalarType gemm = use_decode(d, n) ? acc : gemm_dtype(grad.scalar_type(), acc);
   const at::Tensor gemm_g = gemm == acc ? g : grad.reshape({n, d.out_features()}).contiguous();
   at::Tensor dx = at::empty({n, d.in_features()}, gemm_g.options());
   dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
@@ -222,6 +281,7 @@ at::Tensor aqlm_gemm_t_cpu(const at::Tensor& grad, const at::Tensor& codes, cons
 at::Tensor dropout_mask_cpu(const at::Tensor& input, double dropout_p, int64_t seed, int64_t offset) {
   const PlainAtenCalls plain;
   check_dropout(dropout_p);
+  check_seed(seed, offset);
   at::Tensor mask = at::empty(input.sizes(), input.options().dtype(at::kBool));
   dropout_mask(mask.data_ptr<bool>(), mask.numel(), static_cast<float>(dropout_p), static_cast<uint64_t>(seed),
                static_cast<uint64_t>(offset));
@@ -235,14 +295,15 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& input, con
                                                     const c10::optional<at::Tensor>& lora_bias, double scaling,
                                                     double dropout_p, int64_t seed, int64_t offset) {
   const PlainAtenCalls plain;
-  const LoraCall call = check_lora_forward(input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, dropout_p);
+  const LoraCall call = check_lora_forward(input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling,
+                                           dropout_p, seed, offset);
   const AqlmDims& d = call.d;
   const int64_t n = call.n;
   const at::ScalarType acc = acc_type(input);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
   at::Tensor out = base_forward(x, input, codes, codebooks, scales, d, bias);
-  const at::Tensor xa = at::mm(dropout(x, dropout_p, seed, offset), lora_A.to(acc).t());
-  out.addmm_(xa, lora_B.to(acc).t(), 1.0, scaling);
+  const at::Tensor xa = lora_rows_dot(dropout(x, dropout_p, seed, offset), lora_A.to(acc));
+  lora_expand(xa, lora_B.to(acc).t(), scaling, /*accumulate=*/true, out);
   if (lora_bias.has_value()) out.add_(lora_bias->to(acc), scaling);
   return {out.to(input.scalar_type()).reshape(with_last(input.sizes(), d.out_features())),
           xa.to(lora_A.scalar_type())};
@@ -253,30 +314,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& codebooks, const at::Tensor& scales, const at::Tensor& lora_A, const at::Tensor& lora_B,
     double scaling, double dropout_p, int64_t seed, int64_t offset, bool input_grad) {
   const PlainAtenCalls plain;
-  const LoraCall call = check_lora_backward(grad, input, xa, codes, codebooks, scales, lora_A, lora_B, dropout_p);
+  const LoraCall call = check_lora_backward(grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling,
+                                                 dropout_p, seed, offset);
   const AqlmDims& d = call.d;
   const int64_t n = call.n;
   const at::ScalarType acc = acc_type(input);
   const at::Tensor g = rows_of(grad, n, d.out_features(), acc);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
   const at::Tensor a = lora_A.to(acc);
-  const at::Tensor gb = at::mm(g, lora_B.to(acc));  // [N, r]
-  const at::Tensor grad_B = at::mm(g.t(), xa.to(acc)).mul_(scaling);
+  const at::Tensor gb = lora_rows_dot(g, lora_B.to(acc).t());  // [N, r]
+  const at::Tensor grad_B = lora_outer_sum(xa.to(acc), g, scaling).t();  // [out, r], from [r, out]
   // The dropped-out x is rebuilt from the seed and freed before dx exists: at most two N x in
   // temporaries are alive at once.
-  const at::Tensor grad_A = at::mm(gb.t(), dropout(x, dropout_p, seed, offset)).mul_(scaling);
+  const at::Tensor grad_A = lora_outer_sum(gb, dropout(x, dropout_p, seed, offset), scaling);
   at::Tensor grad_input = at::empty({0}, input.options());
   if (input_grad) {
     at::Tensor dx = base_backward(g, grad, codes, codebooks, scales, d);
     if (dropout_p == 0.0) {
-      dx.addmm_(gb, a, 1.0, scaling);
+      lora_expand(gb, a, scaling, /*accumulate=*/true, dx);
     } else {
-      at::Tensor t = at::mm(gb, a);
+      at::Tensor t = at::empty_like(dx);
+      lora_expand(gb, a, 1.0, /*accumulate=*/false, t);
       dx.add_(dropout_(t, dropout_p, seed, offset), scaling);
     }
     grad_input = dx.to(input.scalar_type()).reshape(input.sizes());
   }
-  return {grad_input, grad_A.to(lora_A.scalar_type()), grad_B.to(lora_B.scalar_type())};
+  return {grad_input, grad_A.to(lora_A.scalar_type()), grad_B.to(lora_B.scalar_type()).contiguous()};
 }
 
 }  // namespace

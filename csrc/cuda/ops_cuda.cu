@@ -223,6 +223,7 @@ at::Tensor dropout_mask_cuda(const at::Tensor& input, double dropout_p, int64_t 
   const PlainAtenCalls plain;
   check_float(input, "input");
   check_dropout(dropout_p);
+  check_seed(seed, offset);
   c10::cuda::OptionalCUDAGuard guard(at::device_of(input));
   const at::Tensor mask = at::empty(input.sizes(), input.options().dtype(at::kBool));
   dropout_mask_fill(mask, dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
@@ -237,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& input, co
                                                      double dropout_p, int64_t seed, int64_t offset) {
   const PlainAtenCalls plain;
   const AqlmDims d =
-      check_lora_forward(input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, dropout_p).d;
+      check_lora_forward(input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p,
+                         seed, offset).d;
   c10::cuda::OptionalCUDAGuard guard(at::device_of(input));
   check_bf16_supported({input.scalar_type(), codebooks.scalar_type(), scales.scalar_type(), dtype_or_float(bias),
                         lora_A.scalar_type(), lora_B.scalar_type(), dtype_or_float(lora_bias)});
@@ -251,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     const at::Tensor& codebooks, const at::Tensor& scales, const at::Tensor& lora_A, const at::Tensor& lora_B,
     double scaling, double dropout_p, int64_t seed, int64_t offset, bool input_grad) {
   const PlainAtenCalls plain;
-  const LoraCall call = check_lora_backward(grad, input, xa, codes, codebooks, scales, lora_A, lora_B, dropout_p);
+  const LoraCall call = check_lora_backward(grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling,
+                                                 dropout_p, seed, offset);
   const AqlmDims& d = call.d;
   const int64_t in = d.in_features(), out = d.out_features();
   const int64_t n = call.n, r = call.r;
