@@ -1,13 +1,16 @@
 """Plain-PyTorch computations at the test's dtype, built on aqlm's own dequantizer (the
-independent oracle), used as the 'plain PyTorch' baseline of the low-precision tolerance rule."""
+independent oracle), used as the 'plain PyTorch' baseline of the low-precision tolerance rule.
+
+aqlm is imported on first use, so test modules that import these helpers still collect where aqlm
+is missing; a test that calls them then skips (``pytest.importorskip``)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
-from aqlm.utils import _dequantize_weight, unpack_int_data
 from torch import Tensor
 
 from aqlm_lora import reference as ref
@@ -15,8 +18,11 @@ from aqlm_lora import reference as ref
 
 def aqlm_dense(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
     """aqlm's dequantized weight, computed in the codebooks' dtype."""
+    aqlm_utils = pytest.importorskip(
+        "aqlm.utils", reason="needs the 'aqlm' package (its dequantizer is the oracle), which is not installed"
+    )
     nbits = codebooks.shape[1].bit_length() - 1
-    return _dequantize_weight(unpack_int_data(codes, nbits), codebooks, scales)
+    return aqlm_utils._dequantize_weight(aqlm_utils.unpack_int_data(codes, nbits), codebooks, scales)
 
 
 def plain_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
