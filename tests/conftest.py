@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Third-party packages that only some test modules need (the PEFT layer, aqlm's own layer as an
-# oracle, the quantizer, the CLI). The ops and their tests need none of them.
-OPTIONAL_PACKAGES = ("aqlm", "peft", "transformers", "accelerate", "safetensors", "numba", "scipy")
+# oracle, the quantizer, the CLI, the fuzz tests). The ops and their tests need none of them.
+OPTIONAL_PACKAGES = ("aqlm", "peft", "transformers", "accelerate", "safetensors", "numba", "scipy", "hypothesis")
 
 
 def _not_installed(package: str) -> bool:
