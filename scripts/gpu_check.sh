@@ -94,7 +94,7 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ] && command -v nvcc >/dev/null 2>&1; then
 fi
 export CUDA_HOME PATH="$(dirname "$PY"):$CUDA_HOME/bin:$PATH"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONDONTWRITEBYTECODE=1
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1  # logs of a step killed by its timeout keep every line
 JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
 say "device: $DEVICE, deadline ${DEADLINE_S}s, out: $OUT"
 say "python: $PY ($("$PY" --version 2>&1))"
@@ -224,7 +224,9 @@ grep -E "^(FAIL|WARN)" "$OUT/smoke.log" | head -n 30
 S_SMOKE=${last#gpu_smoke: }
 case $rc in
   0) say "smoke test ok: ${S_SMOKE}" ;;
-  124|137) S_SMOKE="timed out${last:+ after: ${S_SMOKE}}"; fail smoke "timed out (see smoke.log)" ;;
+  124|137)
+    S_SMOKE="timed out after $(grep -c '^ok' "$OUT/smoke.log") ok and $(grep -c '^FAIL' "$OUT/smoke.log") failed checks"
+    fail smoke "timed out (see smoke.log)" ;;
   *) [ -n "$last" ] || { tail -n 15 "$OUT/smoke.log"; S_SMOKE="exit $rc"; }; fail smoke "exit $rc (see smoke.log)" ;;
 esac
 
