@@ -116,10 +116,15 @@ def test_weight_gradients_are_refused():
 
 
 @device_p
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
-def test_torch_compile_fullgraph(dropout_p, device):
+def test_torch_compile_fullgraph(dropout_p, layout, device):
     torch._dynamo.reset()
     w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], device, torch.float32, rows=(4, 5))
+    if layout == "transposed":  # non-contiguous LoRA weights and input: the fake kernels' strides must match
+        lora_A = lora_A.detach().t().contiguous().t().requires_grad_()
+        lora_B = lora_B.detach().t().contiguous().t().requires_grad_()
+        x = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
 
     def step(x, lora_A, lora_B):
         y = ops.aqlm_lora_linear(x, *w.args(), w.bias, lora_A, lora_B, 0.5, dropout_p, None, seed=7)
@@ -167,3 +172,49 @@ def test_ops_ignore_autocast(dtype):
         auto.sum().backward()
     torch.testing.assert_close(auto, plain, rtol=0, atol=0)
     assert lora_A.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_bias_grads_accumulate_in_fp32(dtype):
+    """lora_bias / bias gradients are row sums: in fp16 8000 rows of 20 overflow (160000 > 65504)
+    and bf16 loses digits; they must be summed in fp32 like the rest of the op."""
+    w = make_weight(SCHEMES[1], 16, 32, dtype, bias=True)
+    rows = 8000
+    x = torch.randn(rows, w.in_features, dtype=dtype)
+    lora_A = torch.zeros(4, w.in_features, requires_grad=True)
+    lora_B = torch.zeros(w.out_features, 4, requires_grad=True)
+    lora_bias = torch.zeros(w.out_features, requires_grad=True)  # fp32, as PEFT keeps LoRA weights
+    bias = w.bias.float().requires_grad_()
+    out = aqlm_lora.aqlm_lora_linear(x, *w.args(), bias, lora_A.to(dtype), lora_B.to(dtype), 2.0, 0.0, lora_bias)
+    grad = torch.full_like(out, 20.0)
+    grad[::3] = 20.0 + 1 / 64  # digits that a bf16 running sum loses
+    out.backward(grad)
+    exact = grad.double().sum(0)
+    torch.testing.assert_close(lora_bias.grad.double(), 2.0 * exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(bias.grad.double(), exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["lora_forward", "lora_forward_no_lora_grad"])
+def test_double_backward_through_lora_is_refused(with_lora):
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], "cpu")
+    if not with_lora:
+        lora_A.requires_grad_(False), lora_B.requires_grad_(False)
+    out = aqlm_lora.aqlm_lora_linear(x, *w.args(), bias, lora_A, lora_B, 0.5, 0.0, lora_bias)
+    with pytest.raises(NotImplementedError, match="double backward .* through lora_forward is not supported"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
+def test_first_order_backward_with_grad_mode_on_still_works():
+    """A plain backward() never runs the backward in grad mode: nothing to refuse."""
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], "cpu")
+    aqlm_lora.aqlm_lora_linear(x, *w.args(), bias, lora_A, lora_B, 0.5, 0.0, lora_bias).sum().backward()
+    assert x.grad is not None and lora_A.grad is not None
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=SCHEME_IDS[:2])
+def test_gradgradcheck_aqlm_linear(scheme):
+    """The base layer is linear in x: its second-order gradients exist and are exact."""
+    w = make_weight(scheme, 16, 32, torch.float64, bias=True)
+    x = torch.randn(3, w.in_features, dtype=torch.float64, requires_grad=True)
+    bias = w.bias.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, b: aqlm_lora.aqlm_linear(x, *w.args(), b), (x, bias))

@@ -131,3 +131,114 @@ def test_backward_grad_rows(w):
 def test_device_mix(w):
     with pytest.raises(RuntimeError, match="input must be on cpu"):
         ops.aqlm_gemm(torch.randn(2, 32, device="cuda"), *w.args(), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same refusals from the fake kernels (torch.compile, meta tensors) as from the C++ kernels.
+
+
+def _bad_calls(w):
+    a, b = lora(w)
+    x, g, xa = torch.randn(2, 32), torch.randn(2, 16), torch.randn(2, 4)
+    return {
+        "codes_dtype": lambda: ops.aqlm_gemm(x, w.codes.float(), w.codebooks, w.scales, None),
+        "codes_rank": lambda: ops.dequantize(w.codes.reshape(16, 8), w.codebooks, w.scales),
+        "codebooks_rank": lambda: ops.dequantize(w.codes, w.codebooks[0], w.scales),
+        "codebook_count": lambda: ops.dequantize(w.codes, w.codebooks[:1], w.scales),
+        "codebook_size": lambda: ops.dequantize(w.codes, w.codebooks[:, :200], w.scales),
+        "scales_shape": lambda: ops.dequantize(w.codes, w.codebooks, w.scales[:8]),
+        "codebooks_dtype": lambda: ops.dequantize(w.codes, w.codebooks.int(), w.scales),
+        "input_features": lambda: ops.aqlm_gemm(torch.randn(2, 31), *w.args(), None),
+        "input_dtype": lambda: ops.aqlm_gemm(torch.ones(2, 32, dtype=torch.long), *w.args(), None),
+        "grad_features": lambda: ops.aqlm_gemm_t(torch.randn(2, 32), *w.args()),
+        "bias_shape": lambda: ops.aqlm_gemm(x, *w.args(), torch.randn(15)),
+        "lora_A_shape": lambda: ops.lora_forward(x, *w.args(), None, a[:, :30], b, None, 1.0, 0.0, 0, 0),
+        "lora_B_rank": lambda: ops.lora_forward(x, *w.args(), None, a, b[:, :3], None, 1.0, 0.0, 0, 0),
+        "lora_dtypes": lambda: ops.lora_forward(x, *w.args(), None, a, b.double(), None, 1.0, 0.0, 0, 0),
+        "lora_bias_shape": lambda: ops.lora_forward(x, *w.args(), None, a, b, torch.randn(2, 8), 1.0, 0.0, 0, 0),
+        "dropout_range": lambda: ops.lora_forward(x, *w.args(), None, a, b, None, 1.0, 1.5, 0, 0),
+        "dropout_nan": lambda: ops.dropout_mask(x, float("nan"), 0, 0),
+        "scaling_inf": lambda: ops.lora_forward(x, *w.args(), None, a, b, None, float("inf"), 0.0, 0, 0),
+        "scaling_nan_backward": lambda: ops.lora_backward(g, x, xa, *w.args(), a, b, float("nan"), 0.0, 0, 0, True),
+        "xa_shape": lambda: ops.lora_backward(g, x, torch.randn(3, 4), *w.args(), a, b, 1.0, 0.0, 0, 0, True),
+        "grad_rows": lambda: ops.lora_backward(torch.randn(3, 16), x, xa, *w.args(), a, b, 1.0, 0.0, 0, 0, True),
+        "seed_negative": lambda: ops.lora_forward(x, *w.args(), None, a, b, None, 1.0, 0.1, -1, 0),
+        "offset_negative": lambda: ops.dropout_mask(x, 0.1, 0, -5),
+    }
+
+
+BAD_CALLS = list(_bad_calls(make_weight(SCHEMES[1], 16, 32)))
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_fake_kernels_refuse_with_the_cpp_message(w, case):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    call = _bad_calls(w)[case]
+    with pytest.raises(RuntimeError) as real:
+        call()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(RuntimeError) as fake:
+            call()
+    assert str(fake.value).splitlines()[0] == str(real.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("seed,offset,name", [(2**63, 0, "seed"), (0, 2**64, "offset"), (-3, 0, "seed")])
+def test_seed_and_offset_out_of_int64_are_refused_clearly(w, seed, offset, name):
+    a, b = lora(w)
+    x = torch.randn(2, 32)
+    match = rf"{name} must be an integer in \[0, 2\*\*63 - 1\], got {seed if name == 'seed' else offset}"
+    with pytest.raises(RuntimeError, match=match):
+        ops.lora_forward(x, *w.args(), None, a, b, None, 1.0, 0.1, seed, offset)
+    with pytest.raises(RuntimeError, match=match):
+        ops.dropout_mask(x, 0.1, seed, offset)
+    with pytest.raises(RuntimeError, match=match):
+        ops.lora_backward(torch.randn(2, 16), x, torch.randn(2, 4), *w.args(), a, b, 1.0, 0.1, seed, offset, True)
+
+
+@pytest.mark.parametrize("scaling", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_scaling_is_refused(w, scaling):
+    a, b = lora(w)
+    with pytest.raises(RuntimeError, match="scaling must be finite, got"):
+        ops.lora_forward(torch.randn(2, 32), *w.args(), None, a, b, None, scaling, 0.0, 0, 0)
+
+
+def _on_meta(t):
+    return t.to("meta")
+
+
+@pytest.mark.parametrize("which", ["input", "codes", "codebooks", "scales", "bias", "lora_A", "lora_B", "lora_bias"])
+def test_one_meta_argument_among_cpu_ones_is_refused(w, which):
+    """A meta tensor among CPU tensors dispatches to the fake kernel, which used to return an
+    uninitialized CPU tensor; it must refuse the device mix like the C++ kernels do."""
+    a, b = lora(w)
+    args = dict(
+        input=torch.randn(2, 32), codes=w.codes, codebooks=w.codebooks, scales=w.scales, bias=torch.randn(16),
+        lora_A=a, lora_B=b, lora_bias=torch.randn(16),
+    )
+    args[which] = _on_meta(args[which])
+    with pytest.raises(RuntimeError, match=r"must be on (cpu|meta) \(the device of codes\), got (meta|cpu)"):
+        ops.lora_forward(
+            args["input"], args["codes"], args["codebooks"], args["scales"], args["bias"], args["lora_A"],
+            args["lora_B"], args["lora_bias"], 1.0, 0.0, 0, 0,
+        )
+    if which in ("input", "codes", "codebooks", "scales", "bias"):
+        with pytest.raises(RuntimeError, match=r"must be on (cpu|meta) \(the device of codes\), got (meta|cpu)"):
+            ops.aqlm_gemm(args["input"], args["codes"], args["codebooks"], args["scales"], args["bias"])
+
+
+def test_all_meta_arguments_give_meta_shapes(w):
+    a, b = lora(w)
+    meta = [_on_meta(t) for t in (torch.randn(2, 3, 32), w.codes, w.codebooks, w.scales, a, b)]
+    out, xa = ops.lora_forward(meta[0], *meta[1:4], None, meta[4], meta[5], None, 1.0, 0.1, 0, 0)
+    assert out.device.type == "meta" and out.shape == (2, 3, 16) and xa.shape == (6, 4)
+
+
+def test_raw_ops_refuse_negative_seed_and_offset(w):
+    """The C++ kernels check too: the raw ops skip the Python wrappers."""
+    x = torch.randn(2, 32)
+    with pytest.raises(RuntimeError, match=r"seed must be an integer in \[0, 2\*\*63 - 1\], got -1"):
+        torch.ops.aqlm_lora.dropout_mask(x, 0.1, -1, 0)
+    a, b = lora(w)
+    with pytest.raises(RuntimeError, match=r"offset must be an integer in \[0, 2\*\*63 - 1\], got -2"):
+        torch.ops.aqlm_lora.lora_forward(x, *w.args(), None, a, b, None, 1.0, 0.1, 0, -2)

@@ -16,8 +16,21 @@ def _samples(scheme, device, dtype):
     lora_B = torch.randn(w.out_features, 4, dtype=dtype, device=device, requires_grad=True)
     lora_bias = torch.randn(w.out_features, dtype=dtype, device=device, requires_grad=True)
     xa = torch.randn(6, 4, dtype=dtype, device=device)
+    # Non-contiguous views: transposed LoRA weights (as a user's A.t() gives), a strided input.
+    lora_A_t = torch.randn(w.in_features, 4, dtype=dtype, device=device).t().requires_grad_()
+    lora_B_t = torch.randn(4, w.out_features, dtype=dtype, device=device).t().requires_grad_()
+    x_strided = torch.randn(6, 2 * w.in_features, dtype=dtype, device=device)[:, ::2].requires_grad_()
+    g_t = torch.randn(w.out_features, 6, dtype=dtype, device=device).t()
+    xa_t = torch.randn(4, 6, dtype=dtype, device=device).t()
     ops = torch.ops.aqlm_lora
     return [
+        (ops.aqlm_gemm.default, (x_strided, *w.args(), w.bias)),
+        (ops.aqlm_gemm_t.default, (g_t, *w.args())),
+        (ops.lora_forward.default, (x_strided, *w.args(), None, lora_A_t, lora_B_t, lora_bias, 0.5, 0.2, 4, 0)),
+        (
+            ops.lora_backward.default,
+            (g_t, x_strided.detach(), xa_t, *w.args(), lora_A_t.detach(), lora_B_t.detach(), 0.5, 0.2, 3, 0, True),
+        ),
         (ops.dequantize.default, (*w.args(),)),
         (ops.aqlm_gemm.default, (x, *w.args(), w.bias)),
         (ops.aqlm_gemm.default, (x, *w.args(), None)),
