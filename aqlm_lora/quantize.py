@@ -17,6 +17,14 @@ For a weight ``W [out, in]`` and a scheme ``CxB g<ig> o<og>``:
    error ``||W - W_q||_F / ||W||_F`` never increases from round to round (it is returned per round).
 
 Distances are computed in chunks of rows, so 65536-entry codebooks need only a few MiB at a time.
+
+Weights it refuses or handles: a weight that is empty or holds NaN/Inf raises ``ValueError`` (naming
+the layer in :func:`quantize_model`). Any finite magnitude works: the weight is first divided by one
+power of two per layer (so its largest entry lies in [0.5, 1), done in float64, exact for normal
+numbers) and the factor is folded back into the scales at the end; squared norms can neither
+underflow (``1e-30 * W``) nor overflow (``1e20 * W``), and ``W * 2**k`` gives the same codes and
+codebooks as ``W``. The only refusal for size is at the end: scales that the output dtype cannot
+hold (``inf``, or 0 for a row that is not zero, e.g. ``1e20 * W`` with ``dtype=torch.float16``).
 Codes are stored the AQLM way: ``[out/og, in/ig, C]``, int8 for ``nbits <= 8`` else int16, signed
 (a value ``v >= 2**(nbits-1)`` is stored as ``v - 2**nbits``).
 """
@@ -24,6 +32,7 @@ Codes are stored the AQLM way: ``[out/og, in/ig, C]``, int8 for ``nbits <= 8`` e
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
@@ -292,6 +301,56 @@ def _decode(codes: Tensor, codebooks: Tensor) -> Tensor:
     return out
 
 
+def check_weight(weight: Tensor, name: str = "weight") -> None:
+    """Raise ``ValueError`` (starting with ``name``) for a weight that cannot be quantized.
+
+    It must be 2-D, non-empty and finite: a NaN would spread into the codebooks it touches, an Inf
+    into every distance.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    shape = f"{name} [{weight.shape[0]}, {weight.shape[1]}]"
+    if weight.numel() == 0:
+        raise ValueError(f"{shape} is empty: there is nothing to quantize")
+    if weight.dtype.is_floating_point and not bool(torch.isfinite(weight).all()):
+        nan, inf = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+        counts = [f"{n} {what} value{'s' if n > 1 else ''}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n]
+        raise ValueError(f"{shape} has {' and '.join(counts)} (of {weight.numel()}); only finite weights quantize")
+
+
+def _times_power_of_two(x: Tensor, exponent: int) -> Tensor:
+    """``x * 2**exponent`` (exact while the result is a normal number), in two factors so neither overflows."""
+    half = exponent // 2
+    return x * 2.0**half * 2.0 ** (exponent - half)
+
+
+def _normalized(weight: Tensor) -> tuple[Tensor, int]:
+    """``(W / 2**e as float32, e)`` with ``max |W / 2**e|`` in [0.5, 1) (``e = 0`` for a zero weight)."""
+    w = weight.detach().to("cpu", torch.float64)
+    peak = float(w.abs().max())
+    exponent = math.frexp(peak)[1] if peak > 0 else 0
+    return _times_power_of_two(w, -exponent).float(), exponent
+
+
+def _stored_scales(scales: Tensor, exponent: int, dtype: torch.dtype, name: str) -> Tensor:
+    """Fold ``2**exponent`` back into the (normalised) scales, in ``dtype``; refuse what it cannot hold."""
+    exact = _times_power_of_two(scales.double(), exponent)
+    stored = exact.to(dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if not bool(torch.isfinite(stored).all()):
+        raise ValueError(
+            f"{name}: scales overflow {dtype_name} (largest {float(exact.abs().max()):.3g}); "
+            "quantize to a wider dtype (e.g. float32)"
+        )
+    lost = (stored == 0) & (exact != 0)
+    if bool(lost.any()):
+        raise ValueError(
+            f"{name}: scales underflow {dtype_name} in {int(lost.sum())} of {lost.numel()} output groups "
+            f"(smallest {float(exact[exact != 0].abs().min()):.3g}); quantize to a wider dtype (e.g. float32)"
+        )
+    return stored
+
+
 def quantize_weight(
     weight: Tensor,
     scheme: Union[str, Scheme],
@@ -302,21 +361,23 @@ def quantize_weight(
     beam_size: int = 1,
     seed: int = 0,
     dtype: Optional[torch.dtype] = None,
+    name: str = "weight",
 ) -> QuantizedWeight:
     """Quantize a dense ``[out, in]`` weight to AQLM tensors (see the module docstring).
 
     ``rounds`` alternating refinement rounds follow the residual k-means; ``beam_size > 1`` adds a
     joint beam search over all codebooks at the start of each round (kept per group only where it
     lowers the error). ``dtype`` is the dtype of codebooks and scales (default: the weight's).
+    ``ValueError`` (its message starts with ``name``) for an empty or non-finite weight, a shape the
+    scheme does not split, or scales that ``dtype`` cannot hold; any finite magnitude is handled.
     """
     scheme = parse_scheme(scheme)
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    check_weight(weight, name)
     out_features, in_features = weight.shape
     og, ig, num_codebooks, size = scheme.out_group_size, scheme.in_group_size, scheme.num_codebooks, 2**scheme.nbits
     if in_features % ig or out_features % og:
         raise ValueError(
-            f"weight [{out_features}, {in_features}] does not split into groups of {og} x {ig} (scheme {scheme})"
+            f"{name} [{out_features}, {in_features}] does not split into groups of {og} x {ig} (scheme {scheme})"
         )
     if rounds < 0 or kmeans_iters < 0 or beam_size < 1:
         raise ValueError("rounds and kmeans_iters must be >= 0 and beam_size >= 1")
@@ -324,7 +385,8 @@ def quantize_weight(
     generator = torch.Generator().manual_seed(seed)
     num_out, num_in, dim = out_features // og, in_features // ig, og * ig
 
-    w = weight.detach().to("cpu", torch.float32)
+    # Fit W / 2**e: no squared norm underflows or overflows float32, whatever the weight's magnitude.
+    w, exponent = _normalized(weight)
     # [O, og, I, ig] -> [O, I, og, ig] -> per-group vectors, row order (o, i).
     w_groups = w.reshape(num_out, og, num_in, ig).permute(0, 2, 1, 3).reshape(num_out, num_in, dim)
     w_norm = float(w.double().norm())
@@ -382,7 +444,7 @@ def quantize_weight(
     return QuantizedWeight(
         codes=pack_codes(codes.reshape(num_out, num_in, num_codebooks), scheme.nbits).contiguous(),
         codebooks=codebooks,
-        scales=scales.reshape(num_out, 1, 1, 1).to(out_dtype).contiguous(),
+        scales=_stored_scales(scales, exponent, out_dtype, name).reshape(num_out, 1, 1, 1).contiguous(),
         scheme=scheme,
         errors=errors,
     )
@@ -461,7 +523,9 @@ def quantize_model(
     ends with ``.<name>``. Sets ``model.config.quantization_config`` (a ``transformers.AqlmConfig``)
     when the model has a config, so ``save_pretrained`` writes a checkpoint that transformers'
     AQLM integration loads. Returns ``{module name: relative error per round}``; keyword
-    arguments go to :func:`quantize_weight`. Raises ``ValueError`` when there is nothing to quantize.
+    arguments go to :func:`quantize_weight`. Raises ``ValueError`` naming the layer when there is
+    nothing to quantize or a layer cannot be quantized (see :func:`quantize_weight`); the model is
+    only changed once every layer is quantized.
     """
     from tqdm.auto import tqdm
 
@@ -483,21 +547,23 @@ def quantize_model(
             raise ValueError(
                 f"layer {name} shares its weight with {shared[0]} (tied embeddings?); keep it dense with skip"
             )
+        check_weight(m.weight, f"layer {name}")
         if m.in_features % scheme.in_group_size or m.out_features % scheme.out_group_size:
             raise ValueError(
                 f"layer {name} [{m.out_features}, {m.in_features}] does not split into groups of "
                 f"{scheme.out_group_size} x {scheme.in_group_size} (scheme {scheme})"
             )
     errors: dict[str, list[float]] = {}
+    layers: dict[str, nn.Module] = {}
     bar = tqdm(
         todo, desc=f"quantize {scheme}", unit="layer", disable=None if progress else True, leave=False
     )  # None: only on a terminal
     for name, linear in bar:
-        layer, errs = quantize_linear(linear, scheme, **kwargs)
-        _set_submodule(model, name, layer)
-        errors[name] = errs
-        bar.set_postfix(err=f"{errs[-1]:.4f}")
+        layers[name], errors[name] = quantize_linear(linear, scheme, name=f"layer {name}", **kwargs)
+        bar.set_postfix(err=f"{errors[name][-1]:.4f}")
     bar.close()
+    for name, layer in layers.items():  # only now: a layer that fails leaves the model as it was
+        _set_submodule(model, name, layer)
 
     config = getattr(model, "config", None)
     if config is not None:

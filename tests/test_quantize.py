@@ -308,3 +308,74 @@ def test_save_and_reload_through_transformers(tmp_path, scheme, skip):
     use_fused_base(model)
     use_fused_base(loaded)
     assert torch.equal(_logits(model, ids), _logits(loaded, ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights the quantizer must refuse or handle (issue 10, item 8)
+
+
+def _with(value: float) -> torch.Tensor:
+    weight = torch.randn(16, 32)
+    weight[3, 5] = value
+    return weight
+
+
+@pytest.mark.parametrize(
+    "value, what", [(float("nan"), "1 NaN"), (float("inf"), "1 infinite"), (-float("inf"), "1 infinite")]
+)
+def test_quantize_weight_refuses_non_finite(value, what):
+    with pytest.raises(ValueError, match=f"weight \\[16, 32\\] has {what} value"):
+        q.quantize_weight(_with(value), "2x8", rounds=1)
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (8, 0), (0, 0)])
+def test_quantize_weight_refuses_empty(shape):
+    with pytest.raises(ValueError, match="is empty"):
+        q.quantize_weight(torch.zeros(shape), "2x8", rounds=1)
+
+
+def test_quantize_model_names_the_bad_layer_and_changes_nothing():
+    model = _tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer model.layers.1.mlp.down_proj \\[32, 64\\] has 1 NaN value"):
+        q.quantize_model(model, "2x8", progress=False, rounds=1)
+    assert not any(isinstance(m, aqlm.QuantizedLinear) for m in model.modules())  # checked before any change
+    empty = nn.Sequential(nn.Linear(8, 8), nn.Linear(0, 8))
+    with pytest.raises(ValueError, match="layer 1 \\[8, 0\\] is empty"):
+        q.quantize_model(empty, "2x8", progress=False)
+
+
+@pytest.mark.parametrize("exponent", [-100, -60, 66, 120])  # results stay normal floats
+def test_quantize_weight_power_of_two_scaling_is_exact(exponent):
+    """Per-layer normalisation: W * 2**k gives the same codes and codebooks, scales times 2**k."""
+    weight = torch.randn(32, 64)
+    base = q.quantize_weight(weight, "2x8", rounds=2)
+    scaled = q.quantize_weight(weight * 2.0**exponent, "2x8", rounds=2)
+    assert torch.equal(scaled.codes, base.codes) and torch.equal(scaled.codebooks, base.codebooks)
+    assert torch.equal(scaled.scales, (base.scales.double() * 2.0**exponent).float())
+    assert scaled.errors == base.errors
+
+
+@pytest.mark.parametrize("factor", [1e-30, 1e20, 1e36])
+def test_quantize_weight_tiny_and_huge_magnitudes(factor):
+    """1e-30 used to decode to all zeros (scales underflowed), 1e20 to fail inside torch (overflow)."""
+    weight = torch.randn(64, 128)  # 1024 groups for 256 entries: a real (non-zero) error
+    base = q.quantize_weight(weight, "2x8", rounds=2)
+    scaled_weight = weight * factor
+    result = q.quantize_weight(scaled_weight, "2x8", rounds=2)
+    assert result.errors == pytest.approx(base.errors, rel=1e-3)
+    dense = result.dequantize().double()
+    assert torch.isfinite(dense).all() and dense.abs().max() > 0
+    rel = float((dense - scaled_weight.double()).norm() / scaled_weight.double().norm())
+    assert rel == pytest.approx(result.errors[-1], rel=1e-4)
+
+
+def test_quantize_weight_refuses_scales_the_dtype_cannot_hold():
+    weight = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="scales overflow float16"):
+        q.quantize_weight(weight * 1e20, "1x8", rounds=1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="scales underflow float16"):
+        q.quantize_weight(weight * 1e-20, "1x8", rounds=1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="scales overflow float32"):
+        q.quantize_weight(weight.double() * 1e300, "1x8", rounds=1, dtype=torch.float32)
