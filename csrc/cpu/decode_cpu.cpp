@@ -15,6 +15,7 @@
 
 #include "cpu/decode_simd.h"
 #include "cpu/kernels.h"
+#include "cpu/scratch.h"
 
 namespace aqlm_lora::cpu {
 namespace {
@@ -56,7 +57,7 @@ void lut_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, ac
   const int64_t width = kWidth > 0 ? kWidth : og * n_rows;
   const int64_t out = d.out_features();
   const uint32_t mask = static_cast<uint32_t>(K - 1);
-  std::vector<acc_t> lut(I * C * K * width);
+  std::vector<acc_t> lut = scratch<acc_t>(I * C * K * width);
   build_lut(w, x, n_rows, lut.data());
   const acc_t* table = lut.data();
   const int64_t tiles = (d.out_groups + kRowTile - 1) / kRowTile;
@@ -185,7 +186,7 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
     // At least 64 rows a thread, so the per-thread table build stays a small share of the work.
     const int64_t grain = std::max<int64_t>(64, grain_for(d.in_groups * d.num_codebooks));
     at::parallel_for(0, d.out_groups, grain, [&](int64_t o0, int64_t o1) {
-      std::vector<float> table(std::min(chunk, d.in_groups) * entries_per_group);
+      std::vector<float> table = scratch<float>(std::min(chunk, d.in_groups) * entries_per_group);
       std::vector<float> partial(o1 - o0, 0.f);
       for (int64_t c0 = 0; c0 < d.in_groups; c0 += chunk) {
         const int64_t c1 = std::min(d.in_groups, c0 + chunk);
@@ -196,7 +197,7 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
     });
     return true;
   }
-  std::vector<float> table(d.in_groups * entries_per_group);
+  std::vector<float> table = scratch<float>(d.in_groups * entries_per_group);
   at::parallel_for(0, d.in_groups, grain_for(entries_per_group * d.in_group), [&](int64_t i0, int64_t i1) {
     simd::build_lut_avx2(p, cbt, 0, i0, i1, table.data());
   });

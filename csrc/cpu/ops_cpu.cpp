@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#include "cpu/scratch.h"
 
 namespace aqlm_lora::cpu {
 namespace {
@@ -112,7 +113,7 @@ void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, bool decode,
   const int64_t block_work = groups_per_block * d.out_group * in * (n + d.num_codebooks);
   at::parallel_for(0, blocks, grain_for(block_work), [&](int64_t b_begin, int64_t b_end) {
     const PlainAtenCalls plain;
-    std::vector<acc_t> buf(groups_per_block * d.out_group * in);
+    std::vector<acc_t> buf = scratch<acc_t>(groups_per_block * d.out_group * in);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t o0 = b * groups_per_block, o1 = std::min(d.out_groups, o0 + groups_per_block);
       const int64_t rows = (o1 - o0) * d.out_group;
@@ -136,7 +137,7 @@ void base_gemm_t(const Weight<acc_t, code_t>& w, const at::Tensor& g, at::Tensor
   const int64_t block_work = out * groups_per_block * d.in_group * (g.size(0) + d.num_codebooks);
   at::parallel_for(0, blocks, grain_for(block_work), [&](int64_t b_begin, int64_t b_end) {
     const PlainAtenCalls plain;
-    std::vector<acc_t> buf(out * groups_per_block * d.in_group);
+    std::vector<acc_t> buf = scratch<acc_t>(out * groups_per_block * d.in_group);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t i0 = b * groups_per_block, i1 = std::min(d.in_groups, i0 + groups_per_block);
       const int64_t cols = (i1 - i0) * d.in_group;
@@ -151,7 +152,7 @@ void base_gemm_t(const Weight<acc_t, code_t>& w, const at::Tensor& g, at::Tensor
 // The LoRA matmuls on acc-type tensors (see lora_gemm.cpp for why they are not BLAS calls).
 at::Tensor lora_rows_dot(const at::Tensor& x, const at::Tensor& a) {
   const at::Tensor xc = x.contiguous(), ac = a.contiguous();
-  at::Tensor y = at::empty({x.size(0), a.size(0)}, x.options());
+  at::Tensor y = empty_output({x.size(0), a.size(0)}, x.options());
   dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
     using acc_t = decltype(acc_tag);
     rows_dot<acc_t>(xc.data_ptr<acc_t>(), ac.data_ptr<acc_t>(), x.size(0), a.size(0), x.size(1), y.data_ptr<acc_t>());
@@ -172,7 +173,7 @@ void lora_expand(const at::Tensor& u, const at::Tensor& v, double alpha, bool ac
 // alpha * u [N, r]^T @ v [N, m] -> [r, m]
 at::Tensor lora_outer_sum(const at::Tensor& u, const at::Tensor& v, double alpha) {
   const at::Tensor uc = u.contiguous(), vc = v.contiguous();
-  at::Tensor y = at::empty({u.size(1), v.size(1)}, v.options());
+  at::Tensor y = empty_output({u.size(1), v.size(1)}, v.options());
   dispatch_types(v.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
     using acc_t = decltype(acc_tag);
     outer_sum<acc_t>(uc.data_ptr<acc_t>(), vc.data_ptr<acc_t>(), u.size(0), u.size(1), v.size(1),
@@ -205,13 +206,13 @@ at::Tensor base_forward(const at::Tensor& x, const at::Tensor& input, const at::
                         const c10::optional<at::Tensor>& bias) {
   const at::ScalarType acc = x.scalar_type();
   const int64_t n = x.size(0);
-  at::Tensor out = at::empty({n, d.out_features()}, x.options());
+  at::Tensor out = empty_output({n, d.out_features()}, x.options());
   const bool decode = decode_applies(x, d);
   if (!(decode && fast_decode(x, codes, codebooks, scales, d, out))) {
     const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
     const at::ScalarType gemm = decode ? acc : gemm_dtype(input.scalar_type(), acc);
     const at::Tensor gemm_x = gemm == acc ? x : input.reshape({n, d.in_features()}).contiguous();
-    at::Tensor gemm_out = gemm == acc ? out : at::empty({n, d.out_features()}, gemm_x.options());
+    at::Tensor gemm_out = gemm == acc ? out : empty_output({n, d.out_features()}, gemm_x.options());
     dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
       base_gemm(view<decltype(acc_tag), decltype(code_tag)>(pw), gemm_x, decode, gemm_out);
     });
@@ -231,7 +232,7 @@ at::Tensor base_backward(const at::Tensor& g, const at::Tensor& grad, const at::
   // Few rows keep the accumulation type (fp32 is cheap there and exact for the bf16 inputs).
   const at::ScalarType gemm = use_decode(d, n) ? acc : gemm_dtype(grad.scalar_type(), acc);
   const at::Tensor gemm_g = gemm == acc ? g : grad.reshape({n, d.out_features()}).contiguous();
-  at::Tensor dx = at::empty({n, d.in_features()}, gemm_g.options());
+  at::Tensor dx = empty_output({n, d.in_features()}, gemm_g.options());
   dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
     base_gemm_t(view<decltype(acc_tag), decltype(code_tag)>(pw), gemm_g, dx);
   });
@@ -243,7 +244,7 @@ at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebooks, 
   const AqlmDims d = check_weight(codes, codebooks, scales);
   const at::ScalarType acc = acc_type(codebooks);
   const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
-  at::Tensor out = at::empty({d.out_features(), d.in_features()}, codebooks.options().dtype(acc));
+  at::Tensor out = empty_output({d.out_features(), d.in_features()}, codebooks.options().dtype(acc));
   dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
     using acc_t = decltype(acc_tag);
     const auto w = view<acc_t, decltype(code_tag)>(pw);
@@ -333,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     if (dropout_p == 0.0) {
       lora_expand(gb, a, scaling, /*accumulate=*/true, dx);
     } else {
-      at::Tensor t = at::empty_like(dx);
+      at::Tensor t = empty_output(dx.sizes(), dx.options());
       lora_expand(gb, a, 1.0, /*accumulate=*/false, t);
       dx.add_(dropout_(t, dropout_p, seed, offset), scaling);
     }
