@@ -334,16 +334,18 @@ def check_big_tiled_lora(s: Smoke, limit: int, chunk_rows: int) -> None:
     codes, books, scales = s.weight(2, 8, 1, 8, 16, in_f // 8, dtype)
     out_f = 16
     s.log(f"   x [{n}, {in_f}] = {n * in_f} elements (> {limit})")
+    # Magnitudes keep the sums over ~2**25 rows (grad_A, grad_B) far inside float16's range: with
+    # unit-scale g and B, grad_A's largest entries would pass 65504.
     x = torch.randn(n, in_f, device=s.dev, dtype=dtype)
     A = s.randn(r, in_f, dtype=dtype, scale=1 / 8)
-    B = s.randn(out_f, r, dtype=dtype)
+    B = s.randn(out_f, r, dtype=dtype, scale=1 / 2)
     bias, lb = s.randn(out_f, dtype=dtype), s.randn(out_f, dtype=dtype)
     mask = ops.dropout_mask(x, p, seed, offset)
     for a, b in windows(n * in_f, limit):
         want = ref_keep(torch.arange(a, b, dtype=torch.int64), p, seed, offset)
         s.equal(f"dropout_mask of x, elements [{a}, {b})", mask.reshape(-1)[a:b].cpu(), want)
     y, xa = ops.lora_forward(x, codes, books, scales, bias, A, B, lb, scaling, p, seed, offset)
-    g = torch.randn(n, out_f, device=s.dev, dtype=dtype)
+    g = torch.randn(n, out_f, device=s.dev, dtype=dtype) / 100
     gx, gA, gB = ops.lora_backward(g, x, xa, codes, books, scales, A, B, scaling, p, seed, offset, True)
 
     Af, Bf = A.float(), B.float()
@@ -387,7 +389,7 @@ def check_big_decode_lora(s: Smoke, limit: int, chunk_cols: int) -> None:
     codes, books, scales = s.weight(2, 8, 1, 8, 4, in_f // 8, dtype)
     out_f = 4
     s.log(f"   x [{tokens}, {in_f}] = {tokens * in_f} elements (token {tokens - 1} starts at {(tokens - 1) * in_f})")
-    x = torch.randn(tokens, in_f, device=s.dev, dtype=dtype)
+    x = torch.randn(tokens, in_f, device=s.dev, dtype=dtype) / 16  # |y| ~ 400: sums over 3e8 columns
     A = torch.randn(r, in_f, device=s.dev, dtype=dtype) / math.sqrt(in_f)
     B = s.randn(out_f, r, dtype=dtype)
     bias = s.randn(out_f, dtype=dtype)
