@@ -6,8 +6,11 @@
     aqlm-lora bench [ARGS for benchmarks/bench_linear.py]
     aqlm-lora demo [--out ./aqlm_lora_demo]
 
-Mistakes (missing paths, bad scheme, non-empty output directory, adapter of another model...) are
-reported as one ``aqlm-lora: error: ...`` line on stderr with a non-zero exit code. Output
+Mistakes (missing paths, bad scheme, non-empty output directory, adapter of another model, a
+number flag that is not finite or out of its range, a wrong-typed config field, a truncated or
+corrupt weight/adapter/optimizer file, a NaN weight...) are reported as one ``aqlm-lora: error: ...``
+line on stderr, naming the flag or file, with a non-zero exit code. Number flags are checked when
+the command line is parsed (exit code 2), before anything is loaded. Output
 directories are written to a temporary sibling and renamed into place, so an existing directory is
 only replaced (with ``--overwrite``) once the new one is complete.
 """
@@ -15,6 +18,7 @@ only replaced (with ``--overwrite``) once the new one is complete.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import subprocess
@@ -33,27 +37,50 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive(kind):
-    def parse(text: str):
+# Counts and sizes above this are never meant (and become tensor sizes torch cannot allocate).
+_INT_MAX = 2**31 - 1
+# What torch.manual_seed and torch.Generator.manual_seed accept.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _int_in(low: int, high: int = _INT_MAX):
+    """argparse type: an integer in ``[low, high]`` (argparse names the flag in the error)."""
+
+    def parse(text: str) -> int:
         try:
-            value = kind(text)
+            value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text}")
         return value
 
     return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def _float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite number in the interval from ``low`` to ``high`` (open ends as flagged)."""
+    if high == math.inf:
+        interval = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not math.isfinite(value) or not inside:
+            raise argparse.ArgumentTypeError(f"must be a finite number {interval}, got {text}")
+        return value
+
+    return parse
+
+
+_POSITIVE = _int_in(1)
+_COUNT = _int_in(0)
+_SEED = _int_in(_SEED_MIN, _SEED_MAX)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the AQLM checkpoint")
     p.add_argument("--scheme", default="2x8", help=f"AQLM scheme: {SCHEME_GRAMMAR} (default 2x8)")
     p.add_argument("--skip", default="lm_head", help="comma-separated layer names left dense (default lm_head)")
-    p.add_argument("--rounds", type=_non_negative_int, default=4, help="alternating refinement rounds (default 4)")
-    p.add_argument("--kmeans-iters", type=_non_negative_int, default=12, help="k-means iterations (default 12)")
-    p.add_argument("--beam", type=_positive(int), default=1, help="beam width of the code search (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=_COUNT, default=4, help="alternating refinement rounds (default 4)")
+    p.add_argument("--kmeans-iters", type=_COUNT, default=12, help="k-means iterations (default 12)")
+    p.add_argument("--beam", type=_POSITIVE, default=1, help="beam width of the code search (default 1)")
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -79,15 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--data", required=True, metavar="FILE", help="training text (read as bytes)")
     p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="where to save the adapter")
-    p.add_argument("--r", type=_positive(int), default=16, help="LoRA rank (default 16)")
-    p.add_argument("--alpha", type=_positive(float), default=32.0, help="LoRA alpha (default 32)")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
-    p.add_argument("--steps", type=_positive(int), default=100, help="optimizer steps in this run (default 100)")
-    p.add_argument("--lr", type=_positive(float), default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--warmup", type=_non_negative_int, default=0, help="linear warm-up steps (default 0)")
-    p.add_argument("--batch", type=_positive(int), default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq", type=_positive(int), default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--r", type=_POSITIVE, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=_float_in(0, low_open=True), default=32.0, help="LoRA alpha, > 0 (default 32)")
+    p.add_argument(
+        "--dropout", type=_float_in(0, 1, high_open=True), default=0.05, help="LoRA dropout, in [0, 1) (default 0.05)"
+    )
+    p.add_argument("--steps", type=_POSITIVE, default=100, help="optimizer steps in this run (default 100)")
+    p.add_argument(
+        "--lr", type=_float_in(0, 1, low_open=True), default=1e-3, help="AdamW learning rate, in (0, 1] (default 1e-3)"
+    )
+    p.add_argument("--warmup", type=_COUNT, default=0, help="linear warm-up steps (default 0)")
+    p.add_argument("--batch", type=_POSITIVE, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq", type=_POSITIVE, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument(
         "--teacher",
         metavar="DENSE_DIR",
@@ -111,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory")
     p.add_argument("--data", required=True, metavar="FILE")
-    p.add_argument("--seq", type=_positive(int), default=128, help="window length (default 128)")
-    p.add_argument("--batch", type=_positive(int), default=16)
-    p.add_argument("--max-windows", type=_non_negative_int, default=0, help="evaluate at most this many windows")
+    p.add_argument("--seq", type=_POSITIVE, default=128, help="window length (default 128)")
+    p.add_argument("--batch", type=_POSITIVE, default=16)
+    p.add_argument("--max-windows", type=_COUNT, default=0, help="evaluate at most this many windows")
 
     p = sub.add_parser(
         "bench",
@@ -126,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a tiny Llama, quantize it to AQLM 2x8, recover with LoRA")
     p.add_argument("--out", default="aqlm_lora_demo", metavar="DIR", help="output directory (default ./aqlm_lora_demo)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -184,6 +215,7 @@ def cmd_finetune(args) -> int:
 
     from .text import ByteTokenizer, encode_file
     from .train import (
+        OPTIMIZER_FILE,
         TrainSettings,
         UserError,
         aqlm_layer_names,
@@ -195,6 +227,7 @@ def cmd_finetune(args) -> int:
         load_causal_lm,
         make_optimizer,
         new_adapter,
+        one_line,
         read_training_state,
         save_training,
         settings_dict,
@@ -211,8 +244,6 @@ def cmd_finetune(args) -> int:
         resume_dir = check_input_dir(args.resume or out_dir, "adapter directory", must_contain="adapter_config.json")
     if resume_dir is None or out_dir.resolve() != resume_dir.resolve():
         check_output_dir(out_dir, args.overwrite)
-    if not 0.0 <= args.dropout < 1.0:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     tokenizer = _load_tokenizer(model_dir, ByteTokenizer)
     tokens = encode_file(data, tokenizer)
     if tokens.numel() < args.seq + 1:
@@ -242,8 +273,10 @@ def cmd_finetune(args) -> int:
         optimizer = make_optimizer(peft_model, settings)
         try:
             optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError) as exc:
-            raise UserError(f"the optimizer state in {resume_dir} does not match its adapter: {exc}") from None
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            raise UserError(
+                f"{resume_dir / OPTIMIZER_FILE} does not match the adapter in {resume_dir}: {one_line(exc)}"
+            ) from None
         start = int(state["global_step"])
         previous_losses = list(state.get("losses", []))
     else:
@@ -263,6 +296,7 @@ def cmd_finetune(args) -> int:
         desc="finetune",
         teacher=teacher,
     )
+    _check_finite_adapter(peft_model, result.global_step)
     state = {
         "global_step": result.global_step,
         "model_dir": str(model_dir),
@@ -332,6 +366,18 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(args.out, overwrite=args.overwrite, seed=args.seed, progress=not args.no_progress)
+
+
+def _check_finite_adapter(peft_model, step: int) -> None:
+    """The last update comes after the last loss we checked: refuse to save weights it made NaN/Inf."""
+    from .train import UserError
+
+    bad = [name for name, p in peft_model.named_parameters() if p.requires_grad and not bool(p.isfinite().all())]
+    if bad:
+        raise UserError(
+            f"training diverged: after step {step} {len(bad)} adapter tensors (e.g. {bad[0]}) hold NaN/Inf; "
+            "nothing was saved (try a lower --lr or --alpha)"
+        )
 
 
 def _load_tokenizer(model_dir: Path, cls):

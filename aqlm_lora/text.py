@@ -51,11 +51,11 @@ class ByteTokenizer:
             )
         try:
             spec = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+            raise ValueError(f"{path} is not readable JSON: {exc}") from None
         tok = cls()
-        if spec.get("type") != cls.kind or spec.get("vocab_size") != tok.vocab_size:
-            raise ValueError(f"{path} describes an unsupported tokenizer: {spec}")
+        if not isinstance(spec, dict) or spec.get("type") != cls.kind or spec.get("vocab_size") != tok.vocab_size:
+            raise ValueError(f"{path} describes an unsupported tokenizer: {str(spec)[:200]}")
         return tok
 
 

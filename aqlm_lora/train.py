@@ -36,6 +36,20 @@ class UserError(Exception):
     """A mistake in what the user asked for; the CLI prints it as one line, without a traceback."""
 
 
+def one_line(message: object, limit: int = 240) -> str:
+    """``str(message)`` (e.g. an exception's, which libraries spread over lines) on one line, at most ``limit`` long."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip()) or type(message).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # ---------------------------------------------------------------------------------------------
 # Directories
 
@@ -58,6 +72,30 @@ def check_input_file(path: PathLike, what: str) -> Path:
     if not path.is_file():
         raise UserError(f"{what} {path} is not a file")
     return path
+
+
+def check_safetensors(path: PathLike) -> None:
+    """Raise :class:`UserError` naming ``path`` unless it is a complete safetensors file.
+
+    ``safe_open`` reads the header and checks that the tensors it lists cover the file exactly, so a
+    truncated download or copy is caught here rather than deep inside a loader.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # noqa: BLE001 - whatever safetensors raises, the file is unusable
+        raise UserError(f"{path} is not a complete safetensors file (truncated or corrupt?): {one_line(exc)}") from None
+
+
+def _torch_load(path: Path, what: str):
+    """``torch.load(path, weights_only=True)``; :class:`UserError` naming the file if that fails."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a file torch cannot read back is unusable, whatever the reason
+        first = one_line(exc).split(". ")[0]  # torch's later sentences are advice about weights_only
+        raise UserError(f"{path} is not a readable {what} (truncated or corrupt?): {first}") from None
 
 
 def check_output_dir(path: PathLike, overwrite: bool, what: str = "output directory") -> Path:
@@ -108,16 +146,33 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def load_model_config(model_dir: PathLike):
+    """The transformers config of a model directory; :class:`UserError` naming ``config.json`` if unusable."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir) / "config.json"
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - bad JSON, a wrong-typed field, an unknown model type...
+        raise UserError(f"{path} is not a usable model config: {one_line(exc)}") from None
+
+
 def load_causal_lm(model_dir: PathLike):
-    """A float32 causal LM from a local Hugging Face directory (dense or AQLM)."""
+    """A float32 causal LM from a local Hugging Face directory (dense or AQLM).
+
+    The config and every ``*.safetensors`` file are checked first, so a wrong-typed config field or
+    a truncated weight file is reported (as :class:`UserError`) by name.
+    """
     from transformers import AutoModelForCausalLM
 
     model_dir = check_input_dir(model_dir, "model directory", must_contain="config.json")
+    load_model_config(model_dir)
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        check_safetensors(weights)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load a causal LM from {model_dir}: {first}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, EOFError) as exc:
+        raise UserError(f"cannot load a causal LM from {model_dir}: {one_line(exc)}") from None
     return model
 
 
@@ -196,11 +251,15 @@ def _adapter_tensors(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     if weights.is_file():
         from safetensors import safe_open
 
+        check_safetensors(weights)
         with safe_open(str(weights), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     legacy = adapter_dir / "adapter_model.bin"
     if legacy.is_file():
-        return {k: tuple(v.shape) for k, v in torch.load(legacy, map_location="cpu", weights_only=True).items()}
+        tensors = _torch_load(legacy, "adapter")
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise UserError(f"{legacy} does not hold a dict of tensors")
+        return {k: tuple(v.shape) for k, v in tensors.items()}
     raise UserError(f"adapter directory {adapter_dir} has no adapter_model.safetensors")
 
 
@@ -238,11 +297,24 @@ def load_adapter(model: nn.Module, adapter_dir: PathLike, *, trainable: bool = F
     from .dispatch import register
 
     check_adapter_fits(model, adapter_dir)
+    path = Path(adapter_dir) / "adapter_config.json"
     try:
-        config = register(LoraConfig.from_pretrained(str(adapter_dir)))
+        config = LoraConfig.from_pretrained(str(adapter_dir))
     except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"adapter {adapter_dir} has no usable LoRA adapter_config.json: {exc}") from None
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=trainable)
+        raise UserError(f"{path} is not a usable LoRA config: {one_line(exc)}") from None
+    _check_lora_config(config, path)
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=register(config), is_trainable=trainable)
+
+
+def _check_lora_config(config, path: Path) -> None:
+    """The fields we train and run with must have the right type and range (PEFT takes any JSON value)."""
+    r, alpha, dropout = config.r, config.lora_alpha, config.lora_dropout
+    if not _is_int(r) or r < 1:
+        raise UserError(f"{path}: r must be an integer >= 1, got {r!r}")
+    if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise UserError(f"{path}: lora_alpha must be a finite number > 0, got {alpha!r}")
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise UserError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,8 +408,11 @@ def train_steps(
             loss = model(input_ids=batch, labels=batch).loss
         else:
             loss = distillation_loss(model(input_ids=batch).logits, target)
-        if not torch.isfinite(loss.detach()):
-            raise RuntimeError(f"the loss is {float(loss.detach())} at step {step}; lower --lr")
+        if not torch.isfinite(loss.detach()):  # the user's numbers (lr, alpha, weights, data), not a bug
+            raise UserError(
+                f"the loss is {float(loss.detach())} at step {step}: training diverged, or the model holds "
+                "non-finite weights (try a lower --lr or --alpha)"
+            )
         loss.backward()
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -391,15 +466,29 @@ def read_training_state(adapter_dir: PathLike) -> tuple[dict, dict]:
             raise UserError(
                 f"cannot resume from {adapter_dir}: it has no {name} (was it saved by `aqlm-lora finetune`?)"
             )
-    try:
-        state = json.loads((adapter_dir / STATE_FILE).read_text())
-        step = int(state["global_step"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot resume from {adapter_dir}: unreadable {STATE_FILE} ({exc})") from None
-    if step < 0:
-        raise UserError(f"cannot resume from {adapter_dir}: global_step {step} < 0")
-    optimizer_state = torch.load(adapter_dir / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    state = _read_trainer_state(adapter_dir / STATE_FILE)
+    path = adapter_dir / OPTIMIZER_FILE
+    optimizer_state = _torch_load(path, "optimizer state")
+    if not isinstance(optimizer_state, dict) or not {"state", "param_groups"} <= optimizer_state.keys():
+        raise UserError(f"{path} does not hold an optimizer state (a dict with 'state' and 'param_groups')")
     return state, optimizer_state
+
+
+def _read_trainer_state(path: Path) -> dict:
+    """``trainer_state.json``, its fields checked: ``global_step`` an int >= 0, ``losses`` a list of numbers."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not readable JSON: {one_line(exc)}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} must hold a JSON object, got {type(state).__name__}")
+    step = state.get("global_step")
+    if not _is_int(step) or step < 0:
+        raise UserError(f"{path}: global_step must be an integer >= 0, got {step!r}")
+    losses = state.get("losses", [])
+    if not isinstance(losses, list) or not all(_is_number(x) for x in losses):
+        raise UserError(f"{path}: losses must be a list of numbers, got {one_line(repr(losses), 60)}")
+    return state
 
 
 def settings_dict(settings: TrainSettings) -> dict:

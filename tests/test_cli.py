@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -295,6 +296,277 @@ def test_usage_errors_are_one_line(capsys):
         assert info.value.code == 2
         _, err = capsys.readouterr()
         _assert_user_error(2, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numeric flags: checked at parse time, one line naming the flag, nothing run or written
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--alpha", "nan"),
+        ("--alpha", "inf"),
+        ("--alpha", "-1"),
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--lr", "0"),
+        ("--lr", "2"),
+        ("--dropout", "nan"),
+        ("--dropout", "1"),
+        ("--dropout", "-0.1"),
+        ("--r", "0"),
+        ("--r", "1.5"),
+        ("--steps", "1e3"),
+        ("--batch", str(2**40)),
+        ("--seq", "-3"),
+        ("--warmup", "-1"),
+        ("--seed", str(2**70)),
+        ("--seed", "nan"),
+    ],
+)
+def test_error_bad_finetune_number(workspace, capsys, tmp_path, flag, value):
+    out = tmp_path / "adapter"
+    with pytest.raises(SystemExit) as info:
+        cli.main(
+            ["finetune", str(workspace["aqlm"]), "--data", str(workspace["data"]), "--out", str(out), *TRAIN]
+            + [flag, value]
+        )
+    assert info.value.code == 2
+    _assert_user_error(2, capsys.readouterr().err, f"argument {flag}:", value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize", "M", "O", "--rounds", "-1"],
+        ["quantize", "M", "O", "--kmeans-iters", "nan"],
+        ["quantize", "M", "O", "--beam", "0"],
+        ["quantize", "M", "O", "--seed", "1e400"],
+        ["eval", "M", "--data", "D", "--seq", "inf"],
+        ["eval", "M", "--data", "D", "--batch", "0"],
+        ["eval", "M", "--data", "D", "--max-windows", "-2"],
+        ["demo", "--seed", str(-(2**64))],
+    ],
+)
+def test_error_bad_number_other_commands(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    _assert_user_error(2, capsys.readouterr().err, f"argument {argv[-2]}:")
+
+
+def test_finetune_non_finite_loss_is_one_line(workspace, capsys, tmp_path):
+    """A loss that turns NaN (here: a NaN weight in the model) used to end in a traceback blaming --lr."""
+    model = build_model(TINY, ByteTokenizer(), seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    ByteTokenizer().save(tmp_path / "nan")
+    out = tmp_path / "adapter"
+    code, _, err = _run(["finetune", tmp_path / "nan", "--data", workspace["data"], "--out", out, *TRAIN], capsys)
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("note: "))  # "no AQLM layers"
+    _assert_user_error(code, err, "loss is nan at step 0")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken files: one line naming the file, nothing written
+
+
+@pytest.fixture(scope="module")
+def adapter(workspace):
+    out = workspace["root"] / "adapter"
+    assert (
+        cli.main(["finetune", str(workspace["aqlm"]), "--data", str(workspace["data"]), "--out", str(out), *TRAIN]) == 0
+    )
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * keep))
+
+
+def _quantize_eval_finetune(model_dir: Path, workspace, tmp_path: Path) -> list[list]:
+    return [
+        ["quantize", model_dir, tmp_path / "out", "--no-progress"],
+        ["eval", model_dir, "--data", workspace["data"], "--seq", "16"],
+        ["finetune", model_dir, "--data", workspace["data"], "--out", tmp_path / "out", *TRAIN],
+    ]
+
+
+@pytest.mark.parametrize(
+    "field, value", [("hidden_size", "32"), ("num_hidden_layers", "two"), ("vocab_size", [259]), ("rms_norm_eps", "x")]
+)
+def test_error_wrong_typed_model_config(workspace, capsys, tmp_path, field, value):
+    model_dir = _copy(workspace["dense"], tmp_path / "model")
+    _edit_json(model_dir / "config.json", **{field: value})
+    for argv in _quantize_eval_finetune(model_dir, workspace, tmp_path):
+        code, _, err = _run(argv, capsys)
+        _assert_user_error(code, err, str(model_dir / "config.json"), field)
+        assert not (tmp_path / "out").exists()
+
+
+def test_error_model_config_not_json(workspace, capsys, tmp_path):
+    model_dir = _copy(workspace["dense"], tmp_path / "model")
+    (model_dir / "config.json").write_text('{"model_type": "llama", ')
+    code, _, err = _run(["quantize", model_dir, tmp_path / "out", "--no-progress"], capsys)
+    _assert_user_error(code, err, str(model_dir / "config.json"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0001])
+def test_error_truncated_model_weights(workspace, capsys, tmp_path, keep):
+    for name in ("dense", "aqlm"):
+        model_dir = _copy(workspace[name], tmp_path / name)
+        _truncate(model_dir / "model.safetensors", keep)
+        for argv in _quantize_eval_finetune(model_dir, workspace, tmp_path):
+            code, _, err = _run(argv, capsys)
+            if name == "aqlm" and argv[0] == "quantize":
+                continue  # refused as already quantized or as unreadable: either way one line
+            _assert_user_error(code, err, str(model_dir / "model.safetensors"))
+            assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.0001])
+def test_error_truncated_adapter(workspace, adapter, capsys, tmp_path, keep):
+    broken = _copy(adapter, tmp_path / "adapter")
+    _truncate(broken / "adapter_model.safetensors", keep)
+    code, _, err = _run(["eval", workspace["aqlm"], "--adapter", broken, "--data", workspace["data"]], capsys)
+    _assert_user_error(code, err, str(broken / "adapter_model.safetensors"))
+    before = _tree(broken)
+    code, _, err = _run(
+        ["finetune", workspace["aqlm"], "--data", workspace["data"], "--out", broken, "--resume", *TRAIN], capsys
+    )
+    _assert_user_error(code, err, str(broken / "adapter_model.safetensors"))
+    assert _tree(broken) == before
+
+
+@pytest.mark.parametrize("field, value", [("r", "16"), ("lora_alpha", "x"), ("lora_dropout", 2.0), ("r", 0)])
+def test_error_wrong_typed_adapter_config(workspace, adapter, capsys, tmp_path, field, value):
+    broken = _copy(adapter, tmp_path / "adapter")
+    _edit_json(broken / "adapter_config.json", **{field: value})
+    code, _, err = _run(["eval", workspace["aqlm"], "--adapter", broken, "--data", workspace["data"]], capsys)
+    _assert_user_error(code, err, str(broken / "adapter_config.json"), field)
+
+
+def _corrupt_optimizer(path: Path, how: str) -> None:
+    if how == "truncated":
+        _truncate(path)
+    elif how == "garbage":
+        path.write_bytes(b"not a torch file\n")
+    elif how == "list":
+        torch.save([1, 2], path)
+    else:  # a dict of the wrong shape
+        torch.save({"state": {}, "param_groups": [{"params": "x"}]}, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "list", "wrong_groups"])
+def test_error_corrupt_optimizer_on_resume(workspace, adapter, capsys, tmp_path, how):
+    broken = _copy(adapter, tmp_path / "adapter")
+    _corrupt_optimizer(broken / "optimizer.pt", how)
+    before = _tree(broken)
+    for out in (broken, tmp_path / "elsewhere"):
+        code, _, err = _run(
+            ["finetune", workspace["aqlm"], "--data", workspace["data"], "--out", out, "--resume", broken, *TRAIN],
+            capsys,
+        )
+        _assert_user_error(code, err, str(broken / "optimizer.pt"))
+    assert _tree(broken) == before and not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize(
+    "changes", [{"losses": 5}, {"losses": ["a"]}, {"global_step": "2"}, {"global_step": 2.5}, {"global_step": -1}]
+)
+def test_error_wrong_typed_trainer_state(workspace, adapter, capsys, tmp_path, changes):
+    broken = _copy(adapter, tmp_path / "adapter")
+    _edit_json(broken / "trainer_state.json", **changes)
+    before = _tree(broken)
+    code, _, err = _run(
+        ["finetune", workspace["aqlm"], "--data", workspace["data"], "--out", broken, "--resume", *TRAIN], capsys
+    )
+    _assert_user_error(code, err, str(broken / "trainer_state.json"), next(iter(changes)))
+    assert _tree(broken) == before
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"type": 3', b"\xff\xfe"])
+def test_error_bad_tokenizer_file(workspace, capsys, tmp_path, content):
+    model_dir = _copy(workspace["dense"], tmp_path / "model")
+    path = model_dir / TOKENIZER_FILE
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, _, err = _run(["eval", model_dir, "--data", workspace["data"]], capsys)
+    _assert_user_error(code, err, str(path))
+
+
+def test_error_adapter_made_non_finite_by_the_last_step(workspace, capsys, tmp_path, monkeypatch):
+    """The last update is never followed by a loss: a NaN it makes must not be saved as the adapter."""
+    from aqlm_lora import train
+
+    real = train.train_steps
+
+    def last_step_diverges(model, *args, **kwargs):
+        result = real(model, *args, **kwargs)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(train, "train_steps", last_step_diverges)
+    out = tmp_path / "adapter"
+    code, _, err = _run(["finetune", workspace["aqlm"], "--data", workspace["data"], "--out", out, *TRAIN], capsys)
+    _assert_user_error(code, err, "diverged", "after step 2", "nothing was saved")
+    assert not out.exists()
+
+
+def test_error_quantize_nan_weight(capsys, tmp_path):
+    """A NaN weight used to quantize to NaN codebooks with exit code 0 (perplexity nan)."""
+    model = build_model(TINY, ByteTokenizer(), seed=0)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[2, 3] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    code, _, err = _run(["quantize", tmp_path / "nan", tmp_path / "out", "--no-progress"], capsys)
+    _assert_user_error(code, err, "model.layers.1.self_attn.k_proj", "NaN")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --no-progress
+
+
+class _Terminal(io.StringIO):
+    """stderr that says it is a terminal, so tqdm (disable=None) and transformers would draw bars."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("no_progress", [True, False])
+def test_quantize_no_progress_draws_no_bar(workspace, monkeypatch, tmp_path, no_progress):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as a caller of cli.main may have left it
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["quantize", str(workspace["dense"]), str(tmp_path / "out"), "--rounds", "0"]
+    assert cli.main(argv + (["--no-progress"] if no_progress else [])) == 0
+    if no_progress:
+        assert terminal.getvalue() == ""
+    else:  # the check can see bars: ours shows without the flag
+        assert "quantize 2x8" in terminal.getvalue()
 
 
 def test_bench_missing_script(monkeypatch, capsys):
