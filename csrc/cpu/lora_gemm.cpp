@@ -51,6 +51,21 @@ inline acc_t dot_lanes(const acc_t* __restrict a, const acc_t* __restrict b, int
 AQLM_LORA_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_lanes(a, b, n); }
 AQLM_LORA_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_lanes(a, b, n); }
 
+// y[o] += alpha * u . w[o, :] for o in [o0, o1): one row of a few-row expand, the dots inlined.
+template <typename acc_t>
+inline void add_row_dots_impl(const acc_t* u, const acc_t* w, int64_t r, int64_t o0, int64_t o1, acc_t alpha,
+                              acc_t* y) {
+  for (int64_t o = o0; o < o1; ++o) y[o] += alpha * dot_lanes(u, w + o * r, r);
+}
+AQLM_LORA_CLONES void add_row_dots(const float* u, const float* w, int64_t r, int64_t o0, int64_t o1, float alpha,
+                                   float* y) {
+  add_row_dots_impl(u, w, r, o0, o1, alpha, y);
+}
+AQLM_LORA_CLONES void add_row_dots(const double* u, const double* w, int64_t r, int64_t o0, int64_t o1, double alpha,
+                                   double* y) {
+  add_row_dots_impl(u, w, r, o0, o1, alpha, y);
+}
+
 }  // namespace
 
 template <typename acc_t>
@@ -78,6 +93,13 @@ void expand(const acc_t* u, const acc_t* v, int64_t n_rows, int64_t r, int64_t m
 }
 
 template <typename acc_t>
+void expand_rows(const acc_t* u, const acc_t* w, int64_t n_rows, int64_t r, int64_t m, acc_t alpha, acc_t* y) {
+  at::parallel_for(0, m, grain(n_rows * r), [&](int64_t o0, int64_t o1) {
+    for (int64_t n = 0; n < n_rows; ++n) add_row_dots(u + n * r, w, r, o0, o1, alpha, y + n * m);
+  });
+}
+
+template <typename acc_t>
 void outer_sum(const acc_t* u, const acc_t* v, int64_t n_rows, int64_t r, int64_t m, acc_t alpha, acc_t* y) {
   const int64_t tiles = (m + kColumnTile - 1) / kColumnTile;
   at::parallel_for(0, tiles, grain(n_rows * r * kColumnTile), [&](int64_t t0, int64_t t1) {
@@ -93,10 +115,27 @@ void outer_sum(const acc_t* u, const acc_t* v, int64_t n_rows, int64_t r, int64_
   });
 }
 
+template <typename acc_t>
+void transpose(const acc_t* src, int64_t rows, int64_t cols, acc_t* dst) {
+  // Blocks of rows: each source row (cols <= a few cache lines for LoRA weights) is read once and
+  // every destination row receives one contiguous run per block.
+  constexpr int64_t kRowBlock = 64;
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, blocks, grain(kRowBlock * cols), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+    }
+  });
+}
+
 #define AQLM_LORA_INSTANTIATE(acc_t)                                                                         \
   template void rows_dot<acc_t>(const acc_t*, const acc_t*, int64_t, int64_t, int64_t, acc_t*);             \
   template void expand<acc_t>(const acc_t*, const acc_t*, int64_t, int64_t, int64_t, acc_t, bool, acc_t*); \
-  template void outer_sum<acc_t>(const acc_t*, const acc_t*, int64_t, int64_t, int64_t, acc_t, acc_t*);
+  template void outer_sum<acc_t>(const acc_t*, const acc_t*, int64_t, int64_t, int64_t, acc_t, acc_t*); \
+  template void transpose<acc_t>(const acc_t*, int64_t, int64_t, acc_t*);                               \
+  template void expand_rows<acc_t>(const acc_t*, const acc_t*, int64_t, int64_t, int64_t, acc_t, acc_t*);
 AQLM_LORA_INSTANTIATE(float)
 AQLM_LORA_INSTANTIATE(double)
 #undef AQLM_LORA_INSTANTIATE

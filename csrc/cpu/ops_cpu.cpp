@@ -170,6 +170,32 @@ void lora_expand(const at::Tensor& u, const at::Tensor& v, double alpha, bool ac
   });
 }
 
+// out [N, m] += alpha * xa [N, r] @ lora_B [m, r]^T. Few rows take r-long dots straight from
+// lora_B; more rows amortize one transposed copy and stream it (several times faster per row).
+constexpr int64_t kFewLoraRows = 8;
+void lora_expand_b(const at::Tensor& xa, const at::Tensor& lora_B, double alpha, at::Tensor& out);
+
+// A contiguous transposed copy of a 2-D acc-type tensor.
+at::Tensor lora_transpose(const at::Tensor& t) {
+  const at::Tensor src = t.contiguous();
+  at::Tensor dst = empty_output({t.size(1), t.size(0)}, t.options());
+  dispatch_types(t.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+    using acc_t = decltype(acc_tag);
+    transpose<acc_t>(src.data_ptr<acc_t>(), t.size(0), t.size(1), dst.data_ptr<acc_t>());
+  });
+  return dst;
+}
+
+void lora_expand_b(const at::Tensor& xa, const at::Tensor& lora_B, double alpha, at::Tensor& out) {
+  if (xa.size(0) > kFewLoraRows) return lora_expand(xa, lora_transpose(lora_B), alpha, /*accumulate=*/true, out);
+  const at::Tensor u = xa.contiguous(), w = lora_B.contiguous();
+  dispatch_types(out.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+    using acc_t = decltype(acc_tag);
+    expand_rows<acc_t>(u.data_ptr<acc_t>(), w.data_ptr<acc_t>(), u.size(0), u.size(1), w.size(0),
+                       static_cast<acc_t>(alpha), out.data_ptr<acc_t>());
+  });
+}
+
 // alpha * u [N, r]^T @ v [N, m] -> [r, m]
 at::Tensor lora_outer_sum(const at::Tensor& u, const at::Tensor& v, double alpha) {
   const at::Tensor uc = u.contiguous(), vc = v.contiguous();
@@ -304,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& input, con
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
   at::Tensor out = base_forward(x, input, codes, codebooks, scales, d, bias);
   const at::Tensor xa = lora_rows_dot(dropout(x, dropout_p, seed, offset), lora_A.to(acc));
-  lora_expand(xa, lora_B.to(acc).t(), scaling, /*accumulate=*/true, out);
+  lora_expand_b(xa, lora_B.to(acc), scaling, out);
   if (lora_bias.has_value()) out.add_(lora_bias->to(acc), scaling);
   return {out.to(input.scalar_type()).reshape(with_last(input.sizes(), d.out_features())),
           xa.to(lora_A.scalar_type())};
@@ -323,8 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const at::Tensor g = rows_of(grad, n, d.out_features(), acc);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
   const at::Tensor a = lora_A.to(acc);
-  const at::Tensor gb = lora_rows_dot(g, lora_B.to(acc).t());  // [N, r]
-  const at::Tensor grad_B = lora_outer_sum(xa.to(acc), g, scaling).t();  // [out, r], from [r, out]
+  const at::Tensor gb = lora_rows_dot(g, lora_transpose(lora_B.to(acc)));  // [N, r]
+  const at::Tensor grad_B = lora_transpose(lora_outer_sum(xa.to(acc), g, scaling));  // [out, r], from [r, out]
   // The dropped-out x is rebuilt from the seed and freed before dx exists: at most two N x in
   // temporaries are alive at once.
   const at::Tensor grad_A = lora_outer_sum(gb, dropout(x, dropout_p, seed, offset), scaling);
@@ -340,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     }
     grad_input = dx.to(input.scalar_type()).reshape(input.sizes());
   }
-  return {grad_input, grad_A.to(lora_A.scalar_type()), grad_B.to(lora_B.scalar_type()).contiguous()};
+  return {grad_input, grad_A.to(lora_A.scalar_type()), grad_B.to(lora_B.scalar_type())};
 }
 
 }  // namespace
