@@ -65,6 +65,7 @@ LAYOUTS = ["contiguous", "transposed", "strided", "offset", "broadcast"]
 GROUP_SIZES = [1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 63, 64]
 ROWS = [0, 1, 2, 3, 7, 8, 9, 15, 16, 63, 64, 65, 128, 129, 300, 600]
 MAX_FEATURES = 256
+MAX_ROW_WORK = 1 << 22  # N * in_features * out_features (about): keeps each example fast
 MAX_CODEBOOK_ELEMENTS = 1 << 18  # C * 2**nbits * og * ig: keeps each example fast
 
 # Mirrors of the CPU kernels' thresholds (csrc/cpu/decode_cpu.cpp), only to label examples.
@@ -190,11 +191,12 @@ def layer_cases(draw) -> LayerCase:
     room = max(1, MAX_CODEBOOK_ELEMENTS // (num_codebooks * size))  # og * ig budget
     in_group = draw(_group_size(min(64, room)))
     out_group = draw(_group_size(min(64, max(1, room // in_group))))
-    in_groups = draw(st.integers(1, MAX_FEATURES // in_group))
-    out_groups = draw(st.integers(1, MAX_FEATURES // out_group))
     wide = nbits > 8 or draw(st.booleans())
     ndim = draw(st.integers(1, 4))
     n = 1 if ndim == 1 else draw(st.one_of(st.sampled_from(ROWS), st.integers(0, 600)))
+    in_groups = draw(st.integers(1, MAX_FEATURES // in_group))
+    out_room = MAX_ROW_WORK // (max(1, n) * in_groups * in_group * out_group)  # many rows: smaller weights
+    out_groups = draw(st.integers(1, max(1, min(MAX_FEATURES // out_group, out_room))))
     optional_float = st.one_of(st.none(), st.sampled_from(FLOATS))
     return LayerCase(
         nbits=nbits,
@@ -322,6 +324,9 @@ def fail(check: str, message: str) -> None:
     raise mismatch(check)(f"{check}: {message}")
 
 
+UNDERFLOW_TERMS = 1024  # terms whose underflow (flushed to zero, at worst) one output may absorb
+
+
 def acc_rtol(acc: torch.dtype) -> float:
     """Error allowance of one op's accumulation, relative to the sum of |terms|."""
     return 1e-12 if acc == torch.float64 else 1e-5
@@ -344,12 +349,16 @@ def check_close(
     acc: torch.dtype,
     extra: Optional[np.ndarray] = None,
 ) -> None:
-    """Elementwise: |actual - exact| <= eps(dtype) |exact| + rtol(acc) * mag + extra + (subnormal floor)."""
+    """Elementwise: |actual - exact| <= eps(dtype) |exact| + rtol(acc) * mag + extra + floor.
+
+    The floor covers underflow: the output dtype's subnormal spacing, and values below the
+    accumulation dtype's normal range (a float32-accumulated result cannot hold 1e-100)."""
     if tuple(actual.shape) != tuple(shape) or actual.dtype != dtype:
         return fail(check, f"{tuple(actual.shape)} {actual.dtype}, expected {tuple(shape)} {dtype}")
     got = oracle.f64(actual).reshape(want.exact.shape)
     info = torch.finfo(dtype)
-    bound = info.eps * np.abs(want.exact) + acc_rtol(acc) * want.mag + info.tiny * info.eps
+    floor = info.tiny * info.eps + UNDERFLOW_TERMS * torch.finfo(acc).tiny
+    bound = info.eps * np.abs(want.exact) + acc_rtol(acc) * want.mag + floor
     if extra is not None:
         bound = bound + extra
     err = np.abs(got - want.exact)
@@ -414,7 +423,11 @@ def _rows(t: Tensor, features: int) -> np.ndarray:
 
 
 MASK_SAMPLES = 4096
-REFERENCE_DROPOUT_NUMEL = 1 << 14  # the reference's ops with dropout on larger inputs are skipped (slow)
+# The reference is slow on purpose (Python Philox, a [O, I, C, og, ig] gather): it is checked on
+# the examples whose weight has at most this many codebook terms and, with dropout, whose input
+# has at most REFERENCE_DROPOUT_NUMEL elements; the ops are checked on every example.
+REFERENCE_MAX_TERMS = 1 << 16
+REFERENCE_DROPOUT_NUMEL = 1 << 14
 
 
 def check_mask(keep: Tensor, x: Tensor, p: float, seed_: int, offset: int) -> None:
@@ -479,7 +492,11 @@ def run_layer_case(case: LayerCase) -> None:
     out = ops.dequantize(*t.weight())
     check_close("dequantize", out, w, case.codebook_dtype, (fout, fin), w_acc)
     check_fake("fake.dequantize", ops.dequantize, t.weight(), (out,))
-    check_close("reference.dequantize", ref.dequantize(*t.weight()), w, case.codebook_dtype, (fout, fin), w_acc)
+    small_weight = fout * fin * case.num_codebooks <= REFERENCE_MAX_TERMS
+    check_reference = small_weight and (p == 0 or n * fin <= REFERENCE_DROPOUT_NUMEL)
+    STATS["layer"]["with-reference"] += check_reference
+    if small_weight:
+        check_close("reference.dequantize", ref.dequantize(*t.weight()), w, case.codebook_dtype, (fout, fin), w_acc)
 
     # dropout_mask (the reference's Philox in Python is slow: large masks are checked at sampled elements)
     if keep is not None:
@@ -497,7 +514,8 @@ def run_layer_case(case: LayerCase) -> None:
     check_close("aqlm_gemm", out, base, dt, out_base_shape, acc, base_extra)
     check_plain_rule("aqlm_gemm.plain_rule", out, F.linear(t.x, w_dt, bias_dt), base)
     check_fake("fake.aqlm_gemm", ops.aqlm_gemm, args, (out,))
-    check_close("reference.aqlm_gemm", ref.aqlm_gemm(*args), base, dt, out_base_shape, acc)
+    if small_weight:
+        check_close("reference.aqlm_gemm", ref.aqlm_gemm(*args), base, dt, out_base_shape, acc)
 
     # aqlm_gemm_t
     args = (t.grad, *t.weight())
@@ -505,7 +523,8 @@ def run_layer_case(case: LayerCase) -> None:
     check_close("aqlm_gemm_t", out, gemm_t, dt, (*out_shape[:-1], fin), acc, base_t_extra)
     check_plain_rule("aqlm_gemm_t.plain_rule", out, t.grad @ w_dt, gemm_t)
     check_fake("fake.aqlm_gemm_t", ops.aqlm_gemm_t, args, (out,))
-    check_close("reference.aqlm_gemm_t", ref.aqlm_gemm_t(*args), gemm_t, dt, (*out_shape[:-1], fin), acc)
+    if small_weight:
+        check_close("reference.aqlm_gemm_t", ref.aqlm_gemm_t(*args), gemm_t, dt, (*out_shape[:-1], fin), acc)
 
     # lora_forward
     la, lb_dt = case.lora_dtype, case.lora_bias_dtype
@@ -519,7 +538,6 @@ def run_layer_case(case: LayerCase) -> None:
         plain = plain + t.lora_bias.to(dt) * s
     check_plain_rule("lora_forward.plain_rule", out, plain, fwd.out)
     check_fake("fake.lora_forward", ops.lora_forward, args, (out, xa))
-    check_reference = p == 0 or n * fin <= REFERENCE_DROPOUT_NUMEL
     if check_reference:
         r_out, r_xa = ref.lora_forward(*args)
         check_close("reference.lora_forward.out", r_out, fwd.out, dt, out_shape, acc)
