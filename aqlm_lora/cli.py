@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run benchmarks/bench_linear.py --quick (source checkout only)",
         description="Run benchmarks/bench_linear.py --quick; other arguments (--out DIR, --shapes ...) are "
-        "passed on to it.",
+        "passed on to it. Results go to ~/.cache/aqlm_lora/bench unless --out is given; only --full "
+        "(the whole sweep) rewrites the committed benchmarks/results.",
     )
-    p.add_argument("--full", action="store_true", help="run without --quick")
+    p.add_argument("--full", action="store_true", help="run the whole sweep and update benchmarks/results")
 
     p = sub.add_parser("demo", help="train a tiny Llama, quantize it to AQLM 2x8, recover with LoRA")
     p.add_argument("--out", default="aqlm_lora_demo", metavar="DIR", help="output directory (default ./aqlm_lora_demo)")
@@ -359,7 +360,11 @@ def cmd_bench(args) -> int:
         )
     command = [sys.executable, str(script)] + ([] if args.full else ["--quick"]) + list(args.extra)
     print("running " + " ".join(command), file=sys.stderr)
-    return subprocess.call(command, cwd=str(script.parent.parent))
+    # Kineto (the profiler behind the peak-memory column) prints profiler_start/stop lines per
+    # measurement at every log level below 6; the user can still ask for them.
+    env = dict(os.environ)
+    env.setdefault("KINETO_LOG_LEVEL", "6")
+    return subprocess.call(command, cwd=str(script.parent.parent), env=env)
 
 
 def cmd_demo(args) -> int:

@@ -34,8 +34,10 @@ maximum is reported. Tensors alive before the step (weights, x, grad_output) are
 neither is memory taken outside torch's allocator (C++ ``std::vector`` scratch, numba/numpy arrays).
 
 Outputs: ``bench_linear.md`` (markdown tables, also printed), ``bench_linear.csv`` (one row per
-measurement) and ``bench_linear.png`` (time vs tokens) in ``--out``. A ``--quick`` run writes the
-same file names; a later full run overwrites them.
+measurement) and ``bench_linear.png`` (time vs tokens) in ``--out``. Without ``--out``, only the
+full sweep (no ``--quick``, no filter flag) writes the committed ``benchmarks/results``; a quick
+or filtered run writes to ``$XDG_CACHE_HOME/aqlm_lora/bench`` (``~/.cache/aqlm_lora/bench``), so
+it never overwrites the committed full-run results. ``--out benchmarks/results`` forces it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"  # the committed full-run results
 MAX_CALL_S = 2.0  # skip a stock aqlm/PEFT cell (and larger N) once one call takes longer
 MAX_STEP_S = 4.0  # the same for one stock PEFT + aqlm training step
 QUICK_STOCK_MAX_N = 64
@@ -89,7 +92,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="4096x4096, N=1,16,256, bf16 at N=1 only, training N=256")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default benchmarks/results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: benchmarks/results for the full sweep, else ~/.cache/aqlm_lora/bench)",
+    )
     p.add_argument("--shapes", help="comma list of OUTxIN, e.g. 4096x4096,11008x4096")
     p.add_argument("--tokens", help="comma list of N, e.g. 1,16,256")
     p.add_argument("--schemes", help="comma list of CxB, e.g. 1x16,2x8")
@@ -119,7 +126,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.train_list = ints(args.train_tokens, [256] if args.quick else [256, 1024])
     if args.min_run_time is None:
         args.min_run_time = 0.1 if args.quick else 0.3
+    if args.out is None:
+        args.out = default_out(args)
     return args
+
+
+# Flags that make a run partial: its results must not replace the committed full sweep's.
+PARTIAL_FLAGS = ("quick", "shapes", "tokens", "schemes", "dtypes", "train_tokens", "no_stock")
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    """``benchmarks/results`` for the full sweep; a per-user cache folder for anything less."""
+    if not any(getattr(args, flag) for flag in PARTIAL_FLAGS):
+        return RESULTS
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "aqlm_lora" / "bench"
 
 
 def tokens_for(args: argparse.Namespace, dtype: str) -> list[int]:
