@@ -1,0 +1,66 @@
+"""``aqlm-lora bench`` / ``benchmarks/bench_linear.py``: where results go, and no profiler noise.
+
+Only the full sweep may write the committed ``benchmarks/results``; quick and filtered runs go to a
+per-user cache folder unless ``--out`` says otherwise."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+
+from aqlm_lora import cli
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))  # bench_linear imports bench_common as a sibling script
+
+import bench_linear  # noqa: E402
+
+# The smallest run the benchmark accepts: one 64x64 layer, one token count, our kernels only.
+TINY = ["--shapes", "64x64", "--schemes", "2x8", "--dtypes", "fp32", "--tokens", "1"]
+TINY += ["--train-tokens", "4", "--min-run-time", "0.01", "--no-stock"]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--quick"], ["--shapes", "64x64"], ["--tokens", "1"], ["--schemes", "2x8"], ["--dtypes", "fp32"]]
+    + [["--train-tokens", "4"], ["--no-stock"]],
+)
+def test_partial_runs_default_to_the_cache(argv, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert bench_linear.parse_args(argv).out == tmp_path / "aqlm_lora" / "bench"
+
+
+def test_cache_folder_without_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert bench_linear.parse_args(["--quick"]).out == tmp_path / ".cache" / "aqlm_lora" / "bench"
+
+
+def test_full_sweep_and_explicit_out(tmp_path):
+    assert bench_linear.parse_args([]).out == BENCH / "results"
+    assert bench_linear.parse_args(["--threads", "1"]).out == BENCH / "results"
+    assert bench_linear.parse_args(["--quick", "--out", str(tmp_path)]).out == tmp_path
+    assert bench_linear.parse_args(["--quick", "--out", str(BENCH / "results")]).out == BENCH / "results"
+
+
+def test_quick_bench_leaves_committed_results_and_is_quiet(monkeypatch, capfd, tmp_path):
+    """The CLI's quick path end to end on a tiny layer (~15 s): files land in the cache folder,
+    the committed results are untouched, and Kineto's profiler_start/stop lines are gone."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("KINETO_LOG_LEVEL", raising=False)
+    committed = _digest(BENCH / "results")
+    assert cli.main(["bench", *TINY]) == 0
+    out, err = capfd.readouterr()
+    written = tmp_path / "aqlm_lora" / "bench"
+    assert {p.name for p in written.iterdir()} >= {"bench_linear.md", "bench_linear.csv", "bench_linear.png"}
+    assert _digest(BENCH / "results") == committed
+    assert "Mode: **quick**" in out
+    assert "profiler_start" not in err and "profiler_stop" not in err and "USDT" not in err, err
+    assert f"wrote {written / 'bench_linear.md'}" in err
