@@ -2,7 +2,9 @@
 
 ``import aqlm_lora`` needs only torch: it loads the ops (``aqlm_lora.ops``, ``torch.ops.aqlm_lora.*``)
 and the functional entry points ``aqlm_linear`` / ``aqlm_lora_linear``. The PEFT layer
-(``AqlmLoraLinear``, ``dispatch_aqlm``, ``register``, which need ``aqlm`` and ``peft``) and the
+(``AqlmLoraLinear``, ``dispatch_aqlm``, ``register``, ``all_linear_targets``, which need ``aqlm``
+and ``peft``), the whole-model switch to our kernels (``use_fused_kernels``,
+``restore_aqlm_kernels``, ``FusedKernels``, torch only) and the
 quantizer (``parse_scheme``, ``quantize_linear``, ``quantize_model``) are imported on first use.
 """
 
@@ -19,6 +21,10 @@ _LAZY = {
     "AqlmLoraLinear": "layer",
     "dispatch_aqlm": "dispatch",
     "register": "dispatch",
+    "all_linear_targets": "dispatch",
+    "use_fused_kernels": "fused_base",
+    "restore_aqlm_kernels": "fused_base",
+    "FusedKernels": "fused_base",
     "parse_scheme": "quantize",
     "quantize_linear": "quantize",
     "quantize_model": "quantize",
@@ -33,6 +39,10 @@ __all__ = [
     "AqlmLoraLinear",
     "dispatch_aqlm",
     "register",
+    "all_linear_targets",
+    "use_fused_kernels",
+    "restore_aqlm_kernels",
+    "FusedKernels",
     "parse_scheme",
     "quantize_linear",
     "quantize_model",

@@ -16,20 +16,54 @@ config again and pass it)::
     model = PeftModel.from_pretrained(model, path, config=config)  # is_trainable=True to keep training
 
 The adapter files are the same as with PEFT's own AQLM layer, in both directions.
+
+Registered configs also put the AQLM layers the adapter does *not* target on our kernels, and
+expand ``target_modules="all-linear"`` to the AQLM layers. PEFT builds a model in
+``LoraModel.inject_adapter`` (for ``get_peft_model``, ``PeftModel.from_pretrained``,
+``add_adapter`` and ``inject_adapter_in_model``), and that is the only place where a config meets
+its model: :func:`register` cannot see the model, and neither can the layer PEFT builds for one
+target. So the first :func:`register` wraps ``peft.tuners.lora.LoraModel.inject_adapter`` once per
+process, and the wrapper acts only for configs that carry our registration (any other config goes
+to PEFT untouched). For those it
+
+1. replaces ``target_modules="all-linear"`` by :func:`all_linear_targets` of the model (PEFT's own
+   expansion knows only ``nn.Linear``/``Conv1D``, finds no layer in an AQLM model and fails);
+2. after PEFT has built the adapter, calls :func:`aqlm_lora.use_fused_kernels` on the model, unless
+   the config was registered with ``fused_base=False``.
+
+We chose this over patching ``aqlm.QuantizedLinear.forward`` on the class while registered: that
+would switch every AQLM layer of the process (other models, PEFT's stock layer one compares
+against) and could not be undone for one model without undoing it for all. The wrapper's effect is
+limited to the model being adapted, by a registered config, and is undone per model with
+:func:`aqlm_lora.restore_aqlm_kernels`. Installing it is idempotent and takes a lock.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
 from typing import Any, Optional
 
 import aqlm
 import torch
 from peft import LoraConfig
+from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
+from .fused_base import use_fused_kernels
 from .layer import AqlmLoraLinear
 
-__all__ = ["dispatch_aqlm", "register"]
+__all__ = ["all_linear_targets", "dispatch_aqlm", "register"]
+
+logger = logging.getLogger("aqlm_lora")
+
+# Classification heads PEFT leaves out of "all-linear" when a model has no output embeddings.
+_CLASSIFIER_HEADS = ("score", "classifier")
+# Set on a registered config by register(fused_base=...); not a dataclass field, so never saved.
+_FUSED_BASE_ATTR = "_aqlm_lora_fused_base"
+_HOOK_LOCK = threading.Lock()
 
 
 def dispatch_aqlm(
@@ -53,14 +87,106 @@ def dispatch_aqlm(
     return AqlmLoraLinear(target, adapter_name, **kwargs)
 
 
-def register(config: LoraConfig) -> LoraConfig:
+def register(config: LoraConfig, *, fused_base: bool = True) -> LoraConfig:
     """Register :class:`AqlmLoraLinear` for ``aqlm.QuantizedLinear`` on ``config``; returns ``config``.
 
     Uses PEFT's ``LoraConfig._register_custom_module``, so ``get_peft_model(model, register(cfg))``
     and ``PeftModel.from_pretrained(model, path, config=register(LoraConfig.from_pretrained(path)))``
     build our layers. The registration is not saved with the config.
+
+    When PEFT builds the adapter on a model (see the module docstring for how):
+
+    - ``target_modules="all-linear"`` is expanded to :func:`all_linear_targets` of the model (every
+      ``aqlm.QuantizedLinear`` and ``nn.Linear`` but the output head), logged on the ``aqlm_lora``
+      logger; the saved adapter config lists those names.
+    - with ``fused_base=True`` (default) every ``aqlm.QuantizedLinear`` of the model, targeted or
+      not, runs on our kernels (:func:`aqlm_lora.use_fused_kernels`); undo it with
+      :func:`aqlm_lora.restore_aqlm_kernels`. ``fused_base=False`` leaves the untargeted ones on
+      aqlm's own forward.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"aqlm_lora.register expects a peft.LoraConfig, got {type(config).__name__}")
     config._register_custom_module({aqlm.QuantizedLinear: AqlmLoraLinear})
+    setattr(config, _FUSED_BASE_ATTR, bool(fused_base))
+    _install_injection_hook()
     return config
+
+
+def all_linear_targets(model: nn.Module) -> list[str]:
+    """Full names of the layers PEFT's ``"all-linear"`` means, AQLM layers included, for ``target_modules``.
+
+    Every ``aqlm.QuantizedLinear``, ``nn.Linear`` and transformers ``Conv1D`` (or a PEFT tuner layer
+    wrapping one), except, as PEFT does, the output head (``get_output_embeddings()``; for a model
+    without one, a top-level ``score``/``classifier`` head) and the insides of existing tuner layers.
+    """
+    linear: tuple[type, ...] = (nn.Linear, aqlm.QuantizedLinear)
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        linear += (Conv1D,)
+    except ImportError:
+        pass
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    heads = {id(head)} if head is not None else {id(getattr(model, n, None)) for n in _CLASSIFIER_HEADS} - {id(None)}
+    inside_tuners = [name + "." for name, m in model.named_modules() if name and isinstance(m, BaseTunerLayer)]
+    names = []
+    for name, module in model.named_modules():
+        if not name or id(module) in heads or any(name.startswith(prefix) for prefix in inside_tuners):
+            continue
+        base = _base(module)
+        if isinstance(base, linear) and id(base) not in heads:
+            names.append(name)
+    return names
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _expand_all_linear(model: nn.Module) -> list[str]:
+    names = all_linear_targets(model)
+    modules = dict(model.named_modules())
+    aqlm_count = sum(isinstance(_base(modules[name]), aqlm.QuantizedLinear) for name in names)
+    if not names:
+        raise ValueError(
+            f"aqlm_lora: target_modules='all-linear' matches no layer of {type(model).__name__}: it has no "
+            "aqlm.QuantizedLinear, nn.Linear or Conv1D besides its output head"
+        )
+    logger.info(
+        "aqlm_lora: target_modules='all-linear' expanded to %d layers (%d of them AQLM) of %s",
+        len(names),
+        aqlm_count,
+        type(model).__name__,
+    )
+    return names
+
+
+def _registered(config: Any) -> bool:
+    mapping = getattr(config, "_custom_modules", None) or {}
+    custom = mapping.get(aqlm.QuantizedLinear)
+    return isinstance(custom, type) and issubclass(custom, AqlmLoraLinear)
+
+
+def _install_injection_hook() -> None:
+    """Wrap ``LoraModel.inject_adapter`` once per process (see the module docstring)."""
+    with _HOOK_LOCK:
+        original = LoraModel.inject_adapter
+        if getattr(original, "_aqlm_lora_hook", False):
+            return
+
+        @functools.wraps(original)
+        def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+            config = self.peft_config.get(adapter_name)
+            if not _registered(config):
+                return original(self, model, adapter_name, *args, **kwargs)
+            targets = config.target_modules
+            if isinstance(targets, str) and targets.lower() == "all-linear":
+                config.target_modules = _expand_all_linear(model)
+            result = original(self, model, adapter_name, *args, **kwargs)
+            if getattr(config, _FUSED_BASE_ATTR, True):
+                use_fused_kernels(model)
+            return result
+
+        inject_adapter._aqlm_lora_hook = True
+        LoraModel.inject_adapter = inject_adapter

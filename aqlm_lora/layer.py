@@ -41,6 +41,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
 from . import ops
+from .fused_base import canonical_codes
 
 __all__ = ["AqlmLoraLinear", "canonical_codes"]
 
@@ -76,49 +77,6 @@ def _check_supported(config: LoraConfig, cls_name: str) -> None:
             "weight cannot absorb a residual without re-quantizing. Use init_lora_weights=True, False, "
             "'gaussian', 'eva' or 'orthogonal', or apply the init on the dense model before quantizing."
         )
-
-
-def canonical_codes(base_layer: nn.Module) -> Tensor:
-    """The base layer's codes as ``[out_groups, in_groups, num_codebooks]``, never modifying them.
-
-    ``aqlm.QuantizedLinear.forward`` on CPU with 8-bit codebooks (``codebook_size == 256``) permutes
-    ``codes`` in place to ``[in_groups, out_groups, C]`` the first time it runs (``prepare_matmul_op``,
-    which also sets ``gemv_op``). Such codes are returned as a permuted view of the stored tensor.
-    When ``out_groups == in_groups`` the shape cannot tell the layouts apart; the layout is then
-    inferred from the device aqlm prepared on (CPU permutes, CUDA does not) and refused when the
-    codes are on CUDA, where it cannot be inferred.
-    """
-    codes = base_layer.codes
-    num_out = base_layer.out_features // base_layer.out_group_size
-    num_in = base_layer.in_features // base_layer.in_group_size
-    num_cb = base_layer.num_codebooks
-    canonical, permuted = (num_out, num_in, num_cb), (num_in, num_out, num_cb)
-    shape = tuple(codes.shape)
-    may_be_permuted = getattr(base_layer, "gemv_op", None) is not None and base_layer.codebook_size == 256
-    if not may_be_permuted or canonical == permuted:
-        if shape != canonical:
-            raise ValueError(
-                f"aqlm_lora: the base layer's codes have shape {list(shape)}, expected {list(canonical)} "
-                "[out_features/out_group_size, in_features/in_group_size, num_codebooks]"
-            )
-        if not may_be_permuted:
-            return codes
-        if codes.is_cuda:
-            raise ValueError(
-                "aqlm_lora: this aqlm.QuantizedLinear has 8-bit codebooks and already ran its own forward, "
-                "which permutes `codes` in place on CPU (to [in_groups, out_groups, C]); with "
-                f"out_groups == in_groups == {num_out} the layout cannot be inferred for codes on CUDA. "
-                "Reload the layer's codes from the checkpoint (or wrap the layer before calling it)."
-            )
-        return codes.permute(1, 0, 2)
-    if shape == canonical:
-        return codes
-    if shape == permuted:
-        return codes.permute(1, 0, 2)
-    raise ValueError(
-        f"aqlm_lora: the base layer's codes have shape {list(shape)}, expected {list(canonical)} "
-        f"(or {list(permuted)} after aqlm's in-place CPU permutation)"
-    )
 
 
 class AqlmLoraLinear(torch.nn.Module, LoraLayer):

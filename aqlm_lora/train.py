@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import time
-import types
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
+# use_fused_base: the CLI and demo import it from here (it lives in fused_base now).
+from .fused_base import use_fused_kernels as use_fused_base  # noqa: F401
 from .text import random_batch
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -193,30 +194,6 @@ def lora_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list
     if not names:
         raise UserError(f"{type(model).__name__} has no linear or AQLM layers to put LoRA on")
     return sorted(names)
-
-
-def _fused_base_forward(self, input: Tensor) -> Tensor:
-    from . import ops
-    from .layer import canonical_codes
-
-    return ops.aqlm_linear(input, canonical_codes(self), self.codebooks, self.scales, self.bias)
-
-
-def use_fused_base(model: nn.Module) -> int:
-    """Run every bare ``aqlm.QuantizedLinear`` of ``model`` through ``aqlm_lora.ops.aqlm_linear``.
-
-    aqlm's own CPU forward is slow (a Python loop over rows) and, for 8-bit codebooks, permutes the
-    codes in place; ours reads the codes as stored. Layers wrapped by our LoRA layer never call the
-    base forward anyway. Returns the number of layers patched (an instance attribute, not saved).
-    """
-    from aqlm import QuantizedLinear
-
-    count = 0
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            m.forward = types.MethodType(_fused_base_forward, m)
-            count += 1
-    return count
 
 
 # ---------------------------------------------------------------------------------------------

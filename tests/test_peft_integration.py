@@ -23,12 +23,14 @@ from peft import (  # noqa: E402
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
+from peft.tuners.lora import LoraModel  # noqa: E402
 from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AqlmConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import aqlm_lora  # noqa: E402
 from aqlm_lora import AqlmLoraLinear, dispatch_aqlm, register  # noqa: E402
+from aqlm_lora.fused_base import on_fused_kernels  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA = dict(
@@ -97,6 +99,10 @@ def batch(seed: int = 0, rows: int = 4, length: int = 12) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, LLAMA["vocab_size"], (rows, length), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def is_aqlm(module: nn.Module) -> bool:
+    return isinstance(module, aqlm.QuantizedLinear)
 
 
 def lora_layers(model: nn.Module, cls=AqlmLoraLinear) -> list[nn.Module]:
@@ -351,3 +357,103 @@ def test_refused_configs_through_get_peft_model(checkpoint):
         model.merge_and_unload()
     unloaded = get_peft_model(load(path), register(LoraConfig(r=4, target_modules=TARGETS))).unload()
     assert isinstance(unloaded.model.layers[0].self_attn.q_proj, aqlm.QuantizedLinear)
+
+
+# ---------------------------------------------------------------------------------------------
+# AQLM layers the adapter does not target, and target_modules="all-linear" (register's injection hook)
+
+
+def fused(model: nn.Module) -> list[bool]:
+    """For each aqlm.QuantizedLinear of ``model`` (bare or inside a LoRA layer): on our kernels?"""
+    return [on_fused_kernels(m) for m in model.modules() if isinstance(m, aqlm.QuantizedLinear)]
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], None], ids=["q_v", "peft_default"])
+def test_partial_targets_match_dense_model(checkpoint, targets):
+    """Only q_proj/v_proj adapted (explicitly, or PEFT's Llama default): the other AQLM layers run on
+    our kernels, so losses and gradients over AdamW steps equal PEFT's LoRA on the dequantized model."""
+    _, path, _ = checkpoint
+    config = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian")
+    ours = get_peft_model(load(path), register(LoraConfig(**config)))
+    dense = get_peft_model(densify(load(path)), LoraConfig(**config))
+    assert len(lora_layers(ours)) == 2 * LLAMA["num_hidden_layers"]
+    assert fused(ours) == [True] * 7 * LLAMA["num_hidden_layers"]
+    set_peft_model_state_dict(dense, get_peft_model_state_dict(ours))
+    inputs = batch(seed=6)
+    losses: dict = {"ours": [], "dense": []}
+    for name, model in (("ours", ours), ("dense", dense)):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(4):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+            if step == 0:  # first-step gradients, before the weights move apart by rounding
+                losses[name + "_grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    for mine, theirs in zip(losses["ours"], losses["dense"]):
+        assert mine == pytest.approx(theirs, rel=1e-5), (losses["ours"], losses["dense"])
+    assert losses["ours"][-1] < losses["ours"][0]
+    grads, dense_grads = losses["ours_grads"], losses["dense_grads"]
+    assert grads.keys() == dense_grads.keys() and len(grads) == 4 * LLAMA["num_hidden_layers"]
+    for key, grad in grads.items():
+        assert_close_fp32(grad, dense_grads[key], rtol=1e-5, what=key)
+
+
+def test_untargeted_layers_opt_out_and_restore(checkpoint):
+    _, path, _ = checkpoint
+    n = 7 * LLAMA["num_hidden_layers"]
+    targeted = [".q_proj" in name or ".v_proj" in name for name, m in load(path).named_modules() if is_aqlm(m)]
+    kept = get_peft_model(load(path), register(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), fused_base=False))
+    assert fused(kept) == [False] * n
+    model = get_peft_model(load(path), register(LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+    assert fused(model) == [True] * n
+    inputs = batch(seed=7)
+    model.eval()
+    expected = logits(model, inputs)
+    assert aqlm_lora.restore_aqlm_kernels(model) == n
+    assert fused(model) == [False] * n and len(lora_layers(model)) == sum(targeted)
+    assert aqlm_lora.use_fused_kernels(model).patched and torch.equal(logits(model, inputs), expected)
+    # a config without our registration goes to PEFT untouched
+    plain = get_peft_model(load(path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert fused(plain) == [False] * n and lora_layers(plain, PeftAqlmLoraLinear)
+
+
+def test_injection_hook_is_installed_once():
+    register(LoraConfig(r=4))
+    register(LoraConfig(r=4))
+    hook = LoraModel.inject_adapter
+    assert hook._aqlm_lora_hook and not getattr(hook.__wrapped__, "_aqlm_lora_hook", False)
+
+
+def test_all_linear_targets_every_aqlm_layer(checkpoint, tmp_path):
+    _, path, _ = checkpoint
+    n = 7 * LLAMA["num_hidden_layers"]
+    names = aqlm_lora.all_linear_targets(load(path))
+    assert len(names) == n and "lm_head" not in names and all(name.startswith("model.layers.") for name in names)
+    model = get_peft_model(load(path), register(LoraConfig(r=4, target_modules="all-linear")))
+    assert len(lora_layers(model)) == n and type(model.base_model.model.lm_head) is nn.Linear
+    assert sorted(model.peft_config["default"].target_modules) == sorted(names)
+    explicit = get_peft_model(load(path), register(LoraConfig(r=4, target_modules=TARGETS)))
+    assert get_peft_model_state_dict(model).keys() == get_peft_model_state_dict(explicit).keys()
+    model.save_pretrained(tmp_path / "adapter")  # the saved config lists the layers
+    assert sorted(LoraConfig.from_pretrained(tmp_path / "adapter").target_modules) == sorted(names)
+    # a second adapter with "all-linear" finds the same layers inside our LoRA layers
+    model.add_adapter("b", register(LoraConfig(r=2, target_modules="ALL-LINEAR")))
+    assert all(set(m.lora_A) == {"default", "b"} for m in lora_layers(model))
+    assert sorted(model.peft_config["b"].target_modules) == sorted(names)
+    # without our registration PEFT's own expansion finds no AQLM layer (its message, not ours)
+    with pytest.raises(ValueError):
+        get_peft_model(load(path), LoraConfig(r=4, target_modules="all-linear"))
+
+
+def test_all_linear_on_a_model_without_linear_layers():
+    class NoLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(4, 4)
+
+    assert aqlm_lora.all_linear_targets(NoLinear()) == []
+    with pytest.raises(ValueError, match="all-linear.*matches no layer of NoLinear"):
+        get_peft_model(NoLinear(), register(LoraConfig(r=2, target_modules="all-linear")))
