@@ -1,7 +1,8 @@
-"""Byte-level tokenizer and text data for the CLI (no download: every byte is a token).
+"""Byte-level tokenizer, token windows and perplexity (no download: every byte is a token).
 
-The tokenizer is saved next to a model as ``aqlm_lora_tokenizer.json``; models made by
-``aqlm-lora demo`` carry it, and ``quantize`` copies it, so ``finetune`` and ``eval`` read any of them.
+The byte tokenizer is saved next to a model as ``aqlm_lora_tokenizer.json``; models made by
+``aqlm-lora demo`` carry it, and ``quantize`` copies it. Other models use their own transformers
+tokenizer (see :mod:`aqlm_lora.data`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -28,7 +29,8 @@ class ByteTokenizer:
         self.pad_token_id, self.bos_token_id, self.eos_token_id = 256, 257, 258
         self.vocab_size = 256 + len(self.specials)
 
-    def encode(self, text: Union[str, bytes]) -> list[int]:
+    def encode(self, text: Union[str, bytes], specials: bool = False) -> list[int]:
+        """The bytes of ``text`` (UTF-8); ``specials`` is accepted for a common interface: no BOS is added."""
         return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
 
     def decode(self, ids) -> str:
@@ -90,10 +92,19 @@ def stdlib_corpus(max_train_bytes: int = 1 << 20, max_valid_bytes: int = 1 << 16
     return "".join(train), "".join(valid), used
 
 
+def random_starts(length: int, batch: int, seq: int, generator: torch.Generator) -> list[int]:
+    """``batch`` random offsets of ``seq``-long windows in a sequence of ``length`` tokens."""
+    return torch.randint(0, length - seq + 1, (batch,), generator=generator).tolist()
+
+
 def random_batch(tokens: Tensor, batch: int, seq: int, generator: torch.Generator) -> Tensor:
     """``[batch, seq]`` windows at random offsets of a 1-D token tensor."""
-    starts = torch.randint(0, tokens.numel() - seq + 1, (batch,), generator=generator)
-    return torch.stack([tokens[s : s + seq] for s in starts.tolist()])
+    return take_windows(tokens, random_starts(tokens.numel(), batch, seq, generator), seq)
+
+
+def take_windows(tokens: Tensor, starts: list[int], seq: int) -> Tensor:
+    """``[len(starts), seq]``: the windows of a 1-D tensor at these offsets."""
+    return torch.stack([tokens[s : s + seq] for s in starts])
 
 
 def windows(tokens: Tensor, seq: int) -> Tensor:
@@ -102,12 +113,33 @@ def windows(tokens: Tensor, seq: int) -> Tensor:
     return tokens[: n * seq].reshape(n, seq)
 
 
+# Label of a token that is not trained or scored (a prompt token), as transformers uses it.
+IGNORE = -100
+
+# ``progress(windows_done, windows_total, perplexity_so_far)``, called after each batch.
+Progress = Callable[[int, int, float], None]
+
+
 @torch.no_grad()
-def perplexity(model, tokens: Tensor, seq: int, batch: int = 16, max_windows: int = 0) -> float:
-    """Per-token perplexity of a causal LM on consecutive windows of ``seq`` tokens."""
+def perplexity(
+    model,
+    tokens: Tensor,
+    seq: int,
+    batch: int = 16,
+    max_windows: int = 0,
+    *,
+    labels: Optional[Tensor] = None,
+    progress: Optional[Progress] = None,
+) -> float:
+    """Per-token perplexity of a causal LM on consecutive windows of ``seq`` tokens.
+
+    With ``labels`` (same shape as ``tokens``), only the tokens whose label is not
+    :data:`IGNORE` are scored (e.g. completions, not their prompts).
+    """
     data = windows(tokens, seq)
+    targets = windows(labels, seq) if labels is not None else data
     if max_windows:
-        data = data[:max_windows]
+        data, targets = data[:max_windows], targets[:max_windows]
     if data.shape[0] == 0:
         raise ValueError(f"need at least {seq} tokens to measure perplexity, got {tokens.numel()}")
     was_training = model.training
@@ -115,13 +147,17 @@ def perplexity(model, tokens: Tensor, seq: int, batch: int = 16, max_windows: in
     total, count = 0.0, 0
     try:
         for start in range(0, data.shape[0], batch):
-            ids = data[start : start + batch]
+            ids, target = data[start : start + batch], targets[start : start + batch, 1:]
             logits = model(input_ids=ids).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum", ignore_index=IGNORE
             )
             total += float(nll)
-            count += ids[:, 1:].numel()
+            count += int((target != IGNORE).sum())
+            if progress is not None:
+                progress(start + ids.shape[0], data.shape[0], math.exp(total / count) if count else math.nan)
     finally:
         model.train(was_training)
+    if count == 0:
+        raise ValueError("no token to score: every target token of the evaluated windows is a prompt token")
     return math.exp(total / count)

@@ -4,7 +4,8 @@ Adapters are plain PEFT adapters (``save_pretrained``), built through :func:`aql
 so every ``aqlm.QuantizedLinear`` gets our fused layer. Next to the adapter we save
 ``optimizer.pt`` (AdamW state) and ``trainer_state.json`` (global step, hyper-parameters, losses);
 ``--resume`` reloads both. Step ``t`` draws its batch and its dropout seeds from ``(seed, t)``
-only, so 2 steps + resume 2 steps gives the same adapter as 4 steps in one go.
+only, so 2 steps + resume 2 steps gives the same adapter as 4 steps in one go. Periodic and
+interrupt checkpoints (same files, kept apart from the adapter) are :mod:`aqlm_lora.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 # use_fused_base: the CLI and demo import it from here (it lives in fused_base now).
 from .fused_base import use_fused_kernels as use_fused_base  # noqa: F401
-from .text import random_batch
+from .text import IGNORE, random_starts, take_windows
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
@@ -158,8 +159,29 @@ def load_model_config(model_dir: PathLike):
         raise UserError(f"{path} is not a usable model config: {one_line(exc)}") from None
 
 
-def load_causal_lm(model_dir: PathLike):
-    """A float32 causal LM from a local Hugging Face directory (dense or AQLM).
+# ``--dtype`` choices of the CLI.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def config_dtype(config) -> Optional[torch.dtype]:
+    """The floating dtype a model config records (``dtype`` / ``torch_dtype``), or None."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def check_seq(config, seq: int, model_dir: PathLike, flag: str = "--seq") -> None:
+    """A window longer than the model's positions (``max_position_embeddings``) is refused."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if _is_int(limit) and seq > limit:
+        raise UserError(
+            f"{flag} {seq} is longer than the {limit} positions of {model_dir} (max_position_embeddings in config.json)"
+        )
+
+
+def load_causal_lm(model_dir: PathLike, dtype: torch.dtype = torch.float32):
+    """A causal LM (float32 unless ``dtype``) from a local Hugging Face directory (dense or AQLM).
 
     The config and every ``*.safetensors`` file are checked first, so a wrong-typed config field or
     a truncated weight file is reported (as :class:`UserError`) by name.
@@ -171,7 +193,7 @@ def load_causal_lm(model_dir: PathLike):
     for weights in sorted(model_dir.glob("*.safetensors")):
         check_safetensors(weights)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, EOFError) as exc:
         raise UserError(f"cannot load a causal LM from {model_dir}: {one_line(exc)}") from None
     return model
@@ -332,6 +354,10 @@ def _step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 2 + stream) % (2**63)
 
 
+# ``on_step(result)`` after every step; True stops training there (e.g. on Ctrl-C).
+StepCallback = Callable[[TrainResult], bool]
+
+
 def train_steps(
     model: nn.Module,
     tokens: Tensor,
@@ -343,15 +369,18 @@ def train_steps(
     desc: str = "finetune",
     lr_schedule=None,
     teacher: Optional[nn.Module] = None,
+    labels: Optional[Tensor] = None,
+    on_step: Optional[StepCallback] = None,
 ) -> TrainResult:
-    """``settings.steps`` AdamW steps on random windows of ``tokens``.
+    """``settings.steps`` AdamW steps on random windows of ``tokens`` (fewer if ``on_step`` stops it).
 
     The loss is the next-token cross-entropy, or with a ``teacher`` the KL divergence from the
     teacher's next-token distribution to the model's (distillation, as in AQLM's own fine-tuning:
-    the quantized model learns to behave like the dense one). Step ``t`` (global, counted from
-    ``start_step``) takes its batch from generator seed ``(seed, t)`` and seeds torch's default
-    generator (dropout) the same way. The learning rate is ``lr_schedule(t)`` when given, else
-    ``lr`` with a linear warm-up over ``settings.warmup`` steps.
+    the quantized model learns to behave like the dense one). With ``labels`` (same shape as
+    ``tokens``) positions whose next token is labelled ``IGNORE`` (prompts) do not count in either.
+    Step ``t`` (global, counted from ``start_step``) takes its batch from generator seed
+    ``(seed, t)`` and seeds torch's default generator (dropout) the same way. The learning rate is
+    ``lr_schedule(t)`` when given, else ``lr`` with a linear warm-up over ``settings.warmup`` steps.
     """
     from tqdm.auto import tqdm
 
@@ -366,25 +395,20 @@ def train_steps(
     tokens_per_step = settings.batch * settings.seq
     for _ in bar:
         step = result.global_step
-        if lr_schedule is not None:
-            lr = lr_schedule(step)
-        else:
-            lr = settings.lr * min(1.0, (step + 1) / settings.warmup) if settings.warmup else settings.lr
+        lr = lr_schedule(step) if lr_schedule is not None else _warmup_lr(settings, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = random_batch(
-            tokens, settings.batch, settings.seq, torch.Generator().manual_seed(_step_seed(settings.seed, step, 0))
-        )
+        generator = torch.Generator().manual_seed(_step_seed(settings.seed, step, 0))
+        starts = random_starts(tokens.numel(), settings.batch, settings.seq, generator)
+        batch = take_windows(tokens, starts, settings.seq)
+        targets = take_windows(labels, starts, settings.seq) if labels is not None else None
         torch.manual_seed(_step_seed(settings.seed, step, 1))
-        target = None
+        teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
-                target = teacher(input_ids=batch).logits
+                teacher_logits = teacher(input_ids=batch).logits
         start = time.perf_counter()  # the step time counts the model's forward, backward and update only
-        if target is None:
-            loss = model(input_ids=batch, labels=batch).loss
-        else:
-            loss = distillation_loss(model(input_ids=batch).logits, target)
+        loss = _step_loss(model, batch, targets, teacher_logits)
         if not torch.isfinite(loss.detach()):  # the user's numbers (lr, alpha, weights, data), not a bug
             raise UserError(
                 f"the loss is {float(loss.detach())} at step {step}: training diverged, or the model holds "
@@ -401,19 +425,55 @@ def train_steps(
         result.step_seconds.append(seconds)
         result.global_step += 1
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}")
+        if on_step is not None and on_step(result):
+            break
     bar.close()
     return result
 
 
-def distillation_loss(logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Mean over tokens of ``KL(teacher || model)`` of the next-token distributions."""
+def _warmup_lr(settings: TrainSettings, step: int) -> float:
+    return settings.lr * min(1.0, (step + 1) / settings.warmup) if settings.warmup else settings.lr
+
+
+def _step_loss(model: nn.Module, batch: Tensor, targets: Optional[Tensor], teacher_logits: Optional[Tensor]) -> Tensor:
+    """The training loss of one batch (see :func:`train_steps`)."""
+    if targets is None and teacher_logits is None:
+        return model(input_ids=batch, labels=batch).loss  # transformers' own loss, as before labels existed
+    logits = model(input_ids=batch).logits
+    if teacher_logits is not None:
+        return distillation_loss(logits, teacher_logits, None if targets is None else targets[:, 1:] != IGNORE)
+    return next_token_loss(logits, targets)
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of the next token over the labels that are not ``IGNORE`` (0 if there are none).
+
+    A batch of prompt tokens only then trains nothing, where transformers' mean would be 0/0 = NaN.
+    """
+    shifted = labels[:, 1:].reshape(-1)
+    total = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(shifted.numel(), -1), shifted, ignore_index=IGNORE, reduction="sum"
+    )
+    return total / max(1, int((shifted != IGNORE).sum()))
+
+
+def distillation_loss(logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Mean over tokens of ``KL(teacher || model)`` of the next-token distributions.
+
+    With ``mask`` (``[batch, seq - 1]``, True where the next token is trained) only those positions count.
+    """
     if logits.shape != teacher_logits.shape:
         raise UserError(
             f"the teacher's logits {list(teacher_logits.shape)} do not match the model's {list(logits.shape)}"
         )
-    log_p = torch.log_softmax(logits.float(), dim=-1).flatten(0, -2)
-    log_q = torch.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    return torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_q = torch.log_softmax(teacher_logits.float(), dim=-1)
+    if mask is None:
+        return torch.nn.functional.kl_div(
+            log_p.flatten(0, -2), log_q.flatten(0, -2), log_target=True, reduction="batchmean"
+        )
+    per_position = torch.nn.functional.kl_div(log_p[:, :-1], log_q[:, :-1], log_target=True, reduction="none").sum(-1)
+    return (per_position * mask).sum() / max(1, int(mask.sum()))
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -452,7 +512,8 @@ def read_training_state(adapter_dir: PathLike) -> tuple[dict, dict]:
 
 
 def _read_trainer_state(path: Path) -> dict:
-    """``trainer_state.json``, its fields checked: ``global_step`` an int >= 0, ``losses`` a list of numbers."""
+    """``trainer_state.json``, its fields checked: ``global_step`` and ``target_step`` (the step the run
+    that saved it was going to; optional) ints >= 0, ``losses`` a list of numbers."""
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -462,6 +523,9 @@ def _read_trainer_state(path: Path) -> dict:
     step = state.get("global_step")
     if not _is_int(step) or step < 0:
         raise UserError(f"{path}: global_step must be an integer >= 0, got {step!r}")
+    target = state.get("target_step", step)
+    if not _is_int(target) or target < 0:
+        raise UserError(f"{path}: target_step must be an integer >= 0, got {target!r}")
     losses = state.get("losses", [])
     if not isinstance(losses, list) or not all(_is_number(x) for x in losses):
         raise UserError(f"{path}: losses must be a list of numbers, got {one_line(repr(losses), 60)}")
