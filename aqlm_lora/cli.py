@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_POSITIVE,
         default=None,
-        help=f"optimizer steps in this run (default {DEFAULT_STEPS}; with --resume of an interrupted run: "
-        "the steps it had left)",
+        help=f"optimizer steps in this run (default {DEFAULT_STEPS}); --resume of an interrupted run runs the "
+        "steps it had left instead",
     )
     p.add_argument(
         "--lr", type=_float_in(0, 1, low_open=True), default=1e-3, help="AdamW learning rate, in (0, 1] (default 1e-3)"
@@ -430,8 +430,11 @@ class _FinetuneJob:
 
         state, optimizer_state = read_training_state(resume_dir)
         self.start = int(state["global_step"])
-        left = int(state.get("target_step", self.start)) - self.start
-        self.settings = self._settings(self.args.steps or (left if left > 0 else DEFAULT_STEPS))
+        target = int(state.get("target_step", self.start))
+        if target > self.start:  # an interrupted run: finish it, so the same command line continues it
+            print(f"note: finishing the interrupted run: steps {self.start + 1}..{target}", file=sys.stderr)
+        steps = target - self.start if target > self.start else self.args.steps or DEFAULT_STEPS
+        self.settings = self._settings(steps)
         _note_changed_settings(state.get("settings"), self.settings)
         self.peft_model = load_adapter(model, resume_dir, trainable=True)
         self.optimizer = make_optimizer(self.peft_model, self.settings)

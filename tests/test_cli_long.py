@@ -152,8 +152,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(ws, straight, ca
     assert state["interrupted"] is True and state["global_step"] == step and state["target_step"] == 8
     assert not out.exists()  # the adapter folder only gets a finished run
 
-    code, stdout, err = run(_finetune(ws, out, "--resume"), capsys)
+    # The same command line with --resume finishes the run (--steps 8 does not mean 8 more here).
+    code, stdout, err = run([*argv, "--resume"], capsys)
     assert code == 0, err
+    assert f"note: finishing the interrupted run: steps {step + 1}..8" in err
     assert f"steps {step + 1}..8" in stdout
     _assert_same_run(straight, out)
     assert not ckpt.exists()

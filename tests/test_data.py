@@ -172,3 +172,15 @@ def test_loss_ignores_prompt_positions():
     torch.testing.assert_close(next_token_loss(logits, labels), expect)
     all_prompt = torch.full((1, 6), IGNORE)
     assert float(next_token_loss(logits[:1], all_prompt)) == 0.0  # nothing to learn: 0, not NaN
+
+
+def test_distillation_ignores_prompt_positions():
+    from aqlm_lora.train import distillation_loss
+
+    gen = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    mask = torch.tensor([[False, True, True, False], [False, False, False, True]])
+    log_p, log_q = student.log_softmax(-1), teacher.log_softmax(-1)
+    per_position = (log_q.exp() * (log_q - log_p)).sum(-1)[:, :-1]
+    torch.testing.assert_close(distillation_loss(student, teacher, mask), per_position[mask].mean())
+    assert float(distillation_loss(student, teacher, torch.zeros_like(mask))) == 0.0
