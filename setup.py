@@ -3,6 +3,8 @@
 CUDA is decided from the toolchain (a CUDA build of torch and an nvcc), never from a visible GPU.
 AQLM_LORA_USE_CUDA=auto (default) builds CUDA when possible and says why not otherwise; 0 never
 builds it; 1 fails when it cannot. MAX_JOBS caps parallel compile jobs (torch's BuildExtension).
+AQLM_LORA_SANITIZE=1 builds the C++ (CPU) code with AddressSanitizer and UndefinedBehaviorSanitizer
+(for scripts/sanitize.sh; the library then needs libasan preloaded into Python).
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ def _use_cuda() -> bool:
     return True
 
 
+# ASan + UBSan for the C++ code; -ftrivial-auto-var-init=pattern fills uninitialized locals with a
+# pattern, so reading one gives garbage the tests notice instead of a lucky zero.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-ftrivial-auto-var-init=pattern", "-g"]
+
+
+def _sanitize() -> bool:
+    mode = os.environ.get("AQLM_LORA_SANITIZE", "0").strip()
+    if mode not in ("0", "1"):
+        raise SystemExit(f"aqlm_lora: AQLM_LORA_SANITIZE must be 0 or 1, got {mode!r}")
+    if mode == "1":
+        print("aqlm_lora: sanitizer build (" + " ".join(SANITIZE_FLAGS) + ")")
+    return mode == "1"
+
+
 def _extension():
     use_cuda = _use_cuda()
     sources = ["csrc/aqlm_lora.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
@@ -79,6 +95,9 @@ def _extension():
         include_dirs=[os.path.join(HERE, "csrc")],
         py_limited_api=True,
     )
+    if _sanitize():
+        cxx_flags += SANITIZE_FLAGS
+        kwargs["extra_link_args"] = ["-fsanitize=address,undefined"]
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
