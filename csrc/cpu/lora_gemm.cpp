@@ -52,10 +52,27 @@ AQLM_LORA_CLONES float dot(const float* a, const float* b, int64_t n) { return d
 AQLM_LORA_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_lanes(a, b, n); }
 
 // y[o] += alpha * u . w[o, :] for o in [o0, o1): one row of a few-row expand, the dots inlined.
+// Four outputs at a time: their lane reductions are independent chains that overlap (one dot at
+// a time is bound by the latency of its final adds). Each output's order is dot_lanes' order.
 template <typename acc_t>
 inline void add_row_dots_impl(const acc_t* u, const acc_t* w, int64_t r, int64_t o0, int64_t o1, acc_t alpha,
                               acc_t* y) {
-  for (int64_t o = o0; o < o1; ++o) y[o] += alpha * dot_lanes(u, w + o * r, r);
+  constexpr int64_t kOuts = 4;
+  int64_t o = o0;
+  for (; o + kOuts <= o1; o += kOuts) {
+    acc_t lane[kOuts][kLanes] = {};
+    const int64_t r_vec = r - r % kLanes;
+    for (int64_t k = 0; k < r_vec; k += kLanes)
+      for (int64_t q = 0; q < kOuts; ++q)
+        for (int64_t l = 0; l < kLanes; ++l) lane[q][l] += u[k + l] * w[(o + q) * r + k + l];
+    for (int64_t q = 0; q < kOuts; ++q) {
+      for (int64_t k = r_vec; k < r; ++k) lane[q][k - r_vec] += u[k] * w[(o + q) * r + k];
+      acc_t sum = 0;
+      for (int64_t l = 0; l < kLanes; ++l) sum += lane[q][l];
+      y[o + q] += alpha * sum;
+    }
+  }
+  for (; o < o1; ++o) y[o] += alpha * dot_lanes(u, w + o * r, r);
 }
 AQLM_LORA_CLONES void add_row_dots(const float* u, const float* w, int64_t r, int64_t o0, int64_t o1, float alpha,
                                    float* y) {

@@ -172,7 +172,7 @@ void lora_expand(const at::Tensor& u, const at::Tensor& v, double alpha, bool ac
 
 // out [N, m] += alpha * xa [N, r] @ lora_B [m, r]^T. Few rows take r-long dots straight from
 // lora_B; more rows amortize one transposed copy and stream it (several times faster per row).
-constexpr int64_t kFewLoraRows = 8;
+constexpr int64_t kFewLoraRows = 4;
 void lora_expand_b(const at::Tensor& xa, const at::Tensor& lora_B, double alpha, at::Tensor& out);
 
 // A contiguous transposed copy of a 2-D acc-type tensor.
