@@ -27,10 +27,13 @@ void for_each_draw(int64_t numel, uint64_t seed, uint64_t offset, F&& f) {
 }  // namespace
 
 template <typename acc_t>
-void apply_dropout(const acc_t* src, acc_t* dst, int64_t numel, float dropout_p, uint64_t seed, uint64_t offset) {
-  const acc_t keep_prob = static_cast<acc_t>(1.0 - static_cast<double>(dropout_p));
+void apply_dropout(const acc_t* src, acc_t* dst, int64_t numel, double dropout_p, uint64_t seed, uint64_t offset) {
+  // The keep test compares float draws with p as a float (the mask is the same on every backend);
+  // the scale 1 / (1 - p) comes from p itself, so float64 inputs get float64's rounding.
+  const float p = static_cast<float>(dropout_p);
+  const acc_t keep_prob = static_cast<acc_t>(1.0 - dropout_p);
   for_each_draw(numel, seed, offset, [&](int64_t idx, float u) {
-    dst[idx] = u >= dropout_p ? src[idx] / keep_prob : acc_t(0);
+    dst[idx] = u >= p ? src[idx] / keep_prob : acc_t(0);
   });
 }
 
@@ -38,7 +41,7 @@ void dropout_mask(bool* dst, int64_t numel, float dropout_p, uint64_t seed, uint
   for_each_draw(numel, seed, offset, [&](int64_t idx, float u) { dst[idx] = u >= dropout_p; });
 }
 
-template void apply_dropout<float>(const float*, float*, int64_t, float, uint64_t, uint64_t);
-template void apply_dropout<double>(const double*, double*, int64_t, float, uint64_t, uint64_t);
+template void apply_dropout<float>(const float*, float*, int64_t, double, uint64_t, uint64_t);
+template void apply_dropout<double>(const double*, double*, int64_t, double, uint64_t, uint64_t);
 
 }  // namespace aqlm_lora::cpu

@@ -55,7 +55,7 @@ bool use_decode(const AqlmDims& d, int64_t n_rows);
 
 // dst = src * keep / (1 - p) elementwise with the Philox mask of element indices [0, numel).
 template <typename acc_t>
-void apply_dropout(const acc_t* src, acc_t* dst, int64_t numel, float dropout_p, uint64_t seed, uint64_t offset);
+void apply_dropout(const acc_t* src, acc_t* dst, int64_t numel, double dropout_p, uint64_t seed, uint64_t offset);
 
 void dropout_mask(bool* dst, int64_t numel, float dropout_p, uint64_t seed, uint64_t offset);
 

@@ -212,7 +212,7 @@ at::Tensor lora_outer_sum(const at::Tensor& u, const at::Tensor& v, double alpha
 at::Tensor& dropout_(at::Tensor& x, double p, int64_t seed, int64_t offset) {
   dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
     using acc_t = decltype(acc_tag);
-    apply_dropout<acc_t>(x.data_ptr<acc_t>(), x.data_ptr<acc_t>(), x.numel(), static_cast<float>(p),
+    apply_dropout<acc_t>(x.data_ptr<acc_t>(), x.data_ptr<acc_t>(), x.numel(), p,
                          static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   });
   return x;
