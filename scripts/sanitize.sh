@@ -2,7 +2,8 @@
 # Builds the extension's C++ (CPU) code with AddressSanitizer + UndefinedBehaviorSanitizer in a
 # separate copy of the working tree and runs the op tests against that build:
 #
-#   bash scripts/sanitize.sh                      # build + tests/test_{ops,autograd,checks,dropout,fuzz}.py
+#   bash scripts/sanitize.sh                      # build + tests/test_{ops,autograd,checks,dropout,fuzz,
+#                                                 #   scheme_grid,nonfinite}.py
 #   bash scripts/sanitize.sh -k lora_backward     # extra arguments go to pytest
 #
 # The in-place build (aqlm_lora/_C*.so of this checkout) is left alone: the copy lives in
@@ -21,7 +22,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=$ROOT/.venv/bin/python
 DEST=${SANITIZE_DIR:-$ROOT/build/sanitize}
-TESTS=(tests/test_ops.py tests/test_autograd.py tests/test_checks.py tests/test_dropout.py tests/test_fuzz.py)
+TESTS=(tests/test_ops.py tests/test_autograd.py tests/test_checks.py tests/test_dropout.py tests/test_fuzz.py
+       tests/test_scheme_grid.py tests/test_nonfinite.py)
 
 [ -x "$PY" ] || { echo "sanitize: $PY not found; run scripts/setup.sh first" >&2; exit 1; }
 mkdir -p "$DEST"
