@@ -422,7 +422,8 @@ def test_untargeted_layers_opt_out_and_restore(checkpoint):
 
 def test_injection_hook_is_installed_once():
     register(LoraConfig(r=4))
-    register(LoraConfig(r=4))
+    config = register(LoraConfig(r=4), fused_base=False)
+    assert not [key for key in config.to_dict() if "aqlm" in key]  # the choice is not saved either
     hook = LoraModel.inject_adapter
     assert hook._aqlm_lora_hook and not getattr(hook.__wrapped__, "_aqlm_lora_hook", False)
 
