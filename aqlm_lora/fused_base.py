@@ -189,7 +189,7 @@ def use_fused_kernels(model: nn.Module) -> FusedKernels:
 
 def restore_aqlm_kernels(model: nn.Module) -> int:
     """Put every ``aqlm.QuantizedLinear`` in ``model`` back on aqlm's own forward; returns how many
-    were on ours. Our PEFT layers (:class:`aqlm_lora.AqlmLoraLinear`) compute with our kernels
-    regardless; this concerns the bare layers and a restored ``unload()``-ed model."""
+    were on ours. Our PEFT layers (:class:`aqlm_lora.AqlmLoraLinear`) compute with our kernels either
+    way; this switches the bare layers (the untargeted ones, or all of them after ``unload()``)."""
     with _LOCK:
         return sum(_unpatch(layer) for layer in _aqlm_layers(model))
