@@ -165,3 +165,29 @@ def assert_low_precision_ok(actual: Tensor, plain: Tensor, exact: Tensor, what: 
     theirs = (plain.double() - exact.double()).abs().max().item()
     floor = 1e-6 * max(1.0, exact.abs().max().item())
     assert ours <= 2 * theirs + floor, f"{what}: error {ours:.3g} > 2 x plain PyTorch's {theirs:.3g}"
+
+
+# A tiny Llama shared by the whole-model tests (PEFT integration, fused base).
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+
+
+def tiny_aqlm_llama(scheme: Scheme):
+    """A random tiny Llama whose linear layers (not lm_head) are aqlm.QuantizedLinear."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    for seed, (name, linear) in enumerate(linears):
+        layer = make_quantized_linear(scheme, linear.in_features, linear.out_features, bias=False, seed=seed)
+        layer.scales.data /= math.sqrt(linear.in_features)
+        model.set_submodule(name, layer)
+    return model

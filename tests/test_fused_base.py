@@ -8,44 +8,28 @@ import os
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import copy  # noqa: E402
-import math  # noqa: E402
 import pickle  # noqa: E402
 
 import aqlm  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from layer_helpers import Scheme, assert_close_fp32, dense_weight, make_quantized_linear  # noqa: E402
+from layer_helpers import TINY_LLAMA, Scheme, assert_close_fp32, dense_weight, make_quantized_linear, tiny_aqlm_llama  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 import aqlm_lora  # noqa: E402
 from aqlm_lora import train  # noqa: E402
 from aqlm_lora.fused_base import FusedKernels, on_fused_kernels, restore_aqlm_kernels, use_fused_kernels  # noqa: E402
 
-LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-)
+LLAMA = TINY_LLAMA
 SCHEMES = {"1x16g8": Scheme(1, 16), "2x8g8": Scheme(2, 8)}
 AQLM_LAYERS = 7 * LLAMA["num_hidden_layers"]
 
 
 def build(scheme: Scheme) -> LlamaForCausalLM:
     """A random tiny Llama whose linear layers but lm_head are aqlm.QuantizedLinear (never run)."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    for seed, (name, linear) in enumerate(linears):
-        layer = make_quantized_linear(scheme, linear.in_features, linear.out_features, bias=False, seed=seed)
-        layer.scales.data /= math.sqrt(linear.in_features)
-        model.set_submodule(name, layer)
-    return model.eval()
+    return tiny_aqlm_llama(scheme).eval()
 
 
 def densify(model: nn.Module) -> nn.Module:

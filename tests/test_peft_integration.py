@@ -12,7 +12,7 @@ import warnings  # noqa: E402
 import aqlm  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from layer_helpers import Scheme, assert_close_fp32, dense_weight, make_quantized_linear  # noqa: E402
+from layer_helpers import TINY_LLAMA, Scheme, assert_close_fp32, dense_weight, make_quantized_linear, tiny_aqlm_llama  # noqa: E402
 from peft import (  # noqa: E402
     EvaConfig,
     LoraConfig,
@@ -26,34 +26,21 @@ from peft import (  # noqa: E402
 from peft.tuners.lora import LoraModel  # noqa: E402
 from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import AqlmConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AqlmConfig, AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
 import aqlm_lora  # noqa: E402
 from aqlm_lora import AqlmLoraLinear, dispatch_aqlm, register  # noqa: E402
 from aqlm_lora.fused_base import on_fused_kernels  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-)
+LLAMA = TINY_LLAMA
 MODEL_SCHEMES = {"1x16g8": Scheme(1, 16), "2x8g8": Scheme(2, 8)}
 
 
 def build_aqlm_llama(scheme: Scheme) -> LlamaForCausalLM:
-    """A random tiny Llama whose linear layers (not lm_head) are aqlm.QuantizedLinear."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    for seed, (name, linear) in enumerate(linears):
-        layer = make_quantized_linear(scheme, linear.in_features, linear.out_features, bias=False, seed=seed)
-        layer.scales.data /= math.sqrt(linear.in_features)
-        model.set_submodule(name, layer)
+    """A random tiny Llama whose linear layers (not lm_head) are aqlm.QuantizedLinear, with the
+    transformers AQLM config that saves and reloads it."""
+    model = tiny_aqlm_llama(scheme)
     model.config.quantization_config = AqlmConfig(
         in_group_size=scheme.in_group,
         out_group_size=scheme.out_group,
