@@ -14,8 +14,8 @@ namespace aqlm_lora::cpu {
 // more than a small weight's whole matmul (and far more on a loaded machine).
 constexpr int64_t kMinParallelWork = int64_t{1} << 14;
 
-inline int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+inline int64_t grain_for(int64_t work_per_item, int64_t min_work = kMinParallelWork) {
+  return std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_item));
 }
 
 // Codebook row index of a stored (signed) code: value mod 2**nbits.

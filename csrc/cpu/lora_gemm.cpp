@@ -24,11 +24,11 @@ namespace {
 constexpr int64_t kLanes = 8;
 // Columns per tile of the expand and outer-product kernels: a tile of r rows stays in L1/L2.
 constexpr int64_t kColumnTile = 512;
-// Multiply-adds a thread must get before a second one is woken: the LoRA part of a decode call
-// is a few microseconds, less than waking a thread on a busy machine.
+// Multiply-adds a thread must get before a second one is woken (grain_for's minimum is smaller):
+// the LoRA part of a decode call is a few microseconds, less than waking a thread on a busy machine.
 constexpr int64_t kMinThreadWork = int64_t{1} << 18;
 
-inline int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, kMinThreadWork / std::max<int64_t>(1, work_per_item)); }
+inline int64_t grain(int64_t work_per_item) { return grain_for(work_per_item, kMinThreadWork); }
 
 AQLM_LORA_CLONES void axpy(float* __restrict y, const float* __restrict x, float a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];

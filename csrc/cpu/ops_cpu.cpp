@@ -45,6 +45,16 @@ void dispatch_types(at::ScalarType acc, const at::Tensor& codes, F&& f) {
   }
 }
 
+// Calls f(acc_t{}) with the accumulation type of a float32/float64 tensor (no code type involved).
+template <typename F>
+void dispatch_acc(at::ScalarType acc, F&& f) {
+  if (acc == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
 template <typename acc_t, typename code_t>
 Weight<acc_t, code_t> view(const PreparedWeight& p) {
   return {p.codes.data_ptr<code_t>(), p.codebooks.data_ptr<acc_t>(), p.scales.data_ptr<acc_t>(), p.d};
@@ -94,7 +104,7 @@ bool decode_applies(const at::Tensor& x, const AqlmDims& d) {
   const int64_t n = x.size(0);
   if (!use_decode(d, n)) return false;
   bool finite = true;
-  dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+  dispatch_acc(x.scalar_type(), [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     finite = all_finite(x.data_ptr<acc_t>(), x.numel());
   });
@@ -153,7 +163,7 @@ void base_gemm_t(const Weight<acc_t, code_t>& w, const at::Tensor& g, at::Tensor
 at::Tensor lora_rows_dot(const at::Tensor& x, const at::Tensor& a) {
   const at::Tensor xc = x.contiguous(), ac = a.contiguous();
   at::Tensor y = empty_output({x.size(0), a.size(0)}, x.options());
-  dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+  dispatch_acc(x.scalar_type(), [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     rows_dot<acc_t>(xc.data_ptr<acc_t>(), ac.data_ptr<acc_t>(), x.size(0), a.size(0), x.size(1), y.data_ptr<acc_t>());
   });
@@ -163,33 +173,31 @@ at::Tensor lora_rows_dot(const at::Tensor& x, const at::Tensor& a) {
 // y (+)= alpha * u [N, r] @ v [r, m]; y contiguous [N, m].
 void lora_expand(const at::Tensor& u, const at::Tensor& v, double alpha, bool accumulate, at::Tensor& y) {
   const at::Tensor uc = u.contiguous(), vc = v.contiguous();
-  dispatch_types(y.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+  dispatch_acc(y.scalar_type(), [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     expand<acc_t>(uc.data_ptr<acc_t>(), vc.data_ptr<acc_t>(), u.size(0), u.size(1), v.size(1),
                   static_cast<acc_t>(alpha), accumulate, y.data_ptr<acc_t>());
   });
 }
 
-// out [N, m] += alpha * xa [N, r] @ lora_B [m, r]^T. Few rows take r-long dots straight from
-// lora_B; more rows amortize one transposed copy and stream it (several times faster per row).
-constexpr int64_t kFewLoraRows = 4;
-void lora_expand_b(const at::Tensor& xa, const at::Tensor& lora_B, double alpha, at::Tensor& out);
-
 // A contiguous transposed copy of a 2-D acc-type tensor.
 at::Tensor lora_transpose(const at::Tensor& t) {
   const at::Tensor src = t.contiguous();
   at::Tensor dst = empty_output({t.size(1), t.size(0)}, t.options());
-  dispatch_types(t.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+  dispatch_acc(t.scalar_type(), [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     transpose<acc_t>(src.data_ptr<acc_t>(), t.size(0), t.size(1), dst.data_ptr<acc_t>());
   });
   return dst;
 }
 
+// out [N, m] += alpha * xa [N, r] @ lora_B [m, r]^T. Few rows take r-long dots straight from
+// lora_B; more rows amortize one transposed copy and stream it (several times faster per row).
+constexpr int64_t kFewLoraRows = 4;
 void lora_expand_b(const at::Tensor& xa, const at::Tensor& lora_B, double alpha, at::Tensor& out) {
   if (xa.size(0) > kFewLoraRows) return lora_expand(xa, lora_transpose(lora_B), alpha, /*accumulate=*/true, out);
   const at::Tensor u = xa.contiguous(), w = lora_B.contiguous();
-  dispatch_types(out.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+  dispatch_acc(out.scalar_type(), [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     expand_rows<acc_t>(u.data_ptr<acc_t>(), w.data_ptr<acc_t>(), u.size(0), u.size(1), w.size(0),
                        static_cast<acc_t>(alpha), out.data_ptr<acc_t>());
@@ -200,7 +208,7 @@ void lora_expand_b(const at::Tensor& xa, const at::Tensor& lora_B, double alpha,
 at::Tensor lora_outer_sum(const at::Tensor& u, const at::Tensor& v, double alpha) {
   const at::Tensor uc = u.contiguous(), vc = v.contiguous();
   at::Tensor y = empty_output({u.size(1), v.size(1)}, v.options());
-  dispatch_types(v.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+  dispatch_acc(v.scalar_type(), [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     outer_sum<acc_t>(uc.data_ptr<acc_t>(), vc.data_ptr<acc_t>(), u.size(0), u.size(1), v.size(1),
                      static_cast<acc_t>(alpha), y.data_ptr<acc_t>());
@@ -210,7 +218,7 @@ at::Tensor lora_outer_sum(const at::Tensor& u, const at::Tensor& v, double alpha
 
 // In place: x = x * keep / (1 - p).
 at::Tensor& dropout_(at::Tensor& x, double p, int64_t seed, int64_t offset) {
-  dispatch_types(x.scalar_type(), at::empty({0}, at::kChar), [&](auto acc_tag, auto) {
+  dispatch_acc(x.scalar_type(), [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     apply_dropout<acc_t>(x.data_ptr<acc_t>(), x.data_ptr<acc_t>(), x.numel(), p,
                          static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
