@@ -601,7 +601,7 @@ def markdown(args, info, rows, train_rows, target_rows, numba_default: Optional[
         "",
         md_table(["machine", ""], [[k, v] for k, v in info.items()]),
         "",
-        '## Targets (DESIGN.md, "Performance targets")',
+        '## Targets (the performance targets the README lists under "Benchmarks")',
         "",
         md_table(
             ["target", "limit", "measured", "result"],

@@ -1,7 +1,7 @@
 // CUDA implementations of the aqlm_lora ops (schemas in csrc/aqlm_lora.cpp, semantics in
 // aqlm_lora/reference.py) and their one TORCH_LIBRARY_IMPL block.
 //
-// Strategy per call (see DESIGN.md, "Kernel strategies"):
+// Strategy per call:
 //   * decode, 1 <= N <= kDecodeMaxTokens tokens, float32/16/bf16: GEMV kernels of gemv.cu that
 //     read every code once for all tokens; the LoRA shrink is one small kernel (dropout fused),
 //     the LoRA expand, bias and lora_bias are fused in the GEMV epilogue. With the conversion of
