@@ -412,37 +412,22 @@ def check_big_decode_lora(s: Smoke, limit: int, chunk_cols: int) -> None:
     s.close(f"lora_forward.out decode, {tokens * in_f} elements", y, y_w.to(dtype), TOL[dtype])
 
 
-def all_ops(w, x: Tensor, g: Tensor, A: Tensor, B: Tensor) -> dict[str, Tensor]:
-    """Every op once (dropout on); outputs by name."""
+def every_op(impl, w, x: Tensor, g: Tensor, A: Tensor, B: Tensor, xa: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Every op of ``impl`` (``aqlm_lora.ops`` or ``aqlm_lora.reference``) once, dropout on; outputs
+    by name. The backward takes ``xa`` when given (the reference is fed the kernels' xa), else the
+    forward's own."""
     codes, books, scales = w
     p, seed, offset = 0.25, 99, 3
-    y, xa = ops.lora_forward(x, codes, books, scales, None, A, B, None, 0.5, p, seed, offset)
-    gx, gA, gB = ops.lora_backward(g, x, xa, codes, books, scales, A, B, 0.5, p, seed, offset, True)
+    y, xa_fwd = impl.lora_forward(x, codes, books, scales, None, A, B, None, 0.5, p, seed, offset)
+    xa_bwd = xa_fwd if xa is None else xa
+    gx, gA, gB = impl.lora_backward(g, x, xa_bwd, codes, books, scales, A, B, 0.5, p, seed, offset, True)
     return {
-        "dequantize": ops.dequantize(*w),
-        "aqlm_gemm": ops.aqlm_gemm(x, *w, None),
-        "aqlm_gemm_t": ops.aqlm_gemm_t(g, *w),
-        "dropout_mask": ops.dropout_mask(x, p, seed, offset),
+        "dequantize": impl.dequantize(*w),
+        "aqlm_gemm": impl.aqlm_gemm(x, *w, None),
+        "aqlm_gemm_t": impl.aqlm_gemm_t(g, *w),
+        "dropout_mask": impl.dropout_mask(x, p, seed, offset),
         "lora_forward.out": y,
-        "lora_forward.xa": xa,
-        "lora_backward.grad_input": gx,
-        "lora_backward.grad_A": gA,
-        "lora_backward.grad_B": gB,
-    }
-
-
-def reference_ops(w, x: Tensor, g: Tensor, A: Tensor, B: Tensor, xa: Tensor) -> dict[str, Tensor]:
-    codes, books, scales = w
-    p, seed, offset = 0.25, 99, 3
-    y, xa_ref = ref.lora_forward(x, codes, books, scales, None, A, B, None, 0.5, p, seed, offset)
-    gx, gA, gB = ref.lora_backward(g, x, xa, codes, books, scales, A, B, 0.5, p, seed, offset, True)
-    return {
-        "dequantize": ref.dequantize(*w),
-        "aqlm_gemm": ref.aqlm_gemm(x, *w, None),
-        "aqlm_gemm_t": ref.aqlm_gemm_t(g, *w),
-        "dropout_mask": ref.dropout_mask(x, p, seed, offset),
-        "lora_forward.out": y,
-        "lora_forward.xa": xa_ref,
+        "lora_forward.xa": xa_fwd,
         "lora_backward.grad_input": gx,
         "lora_backward.grad_A": gA,
         "lora_backward.grad_B": gB,
@@ -465,7 +450,7 @@ def check_streams(s: Smoke) -> None:
         A = s.randn(4, in_f, dtype=dtype, scale=1 / math.sqrt(in_f))
         B = s.randn(out_f, 4, dtype=dtype)
         decode = n <= 8
-        base = all_ops(w, x_src, g_src, A, B)
+        base = every_op(ops, w, x_src, g_src, A, B)
         torch.cuda.synchronize(s.dev)
         with torch.cuda.stream(side):
             x = torch.zeros_like(x_src)
@@ -473,9 +458,9 @@ def check_streams(s: Smoke) -> None:
             torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time queued ahead on this stream
             x.copy_(x_src)
             g.copy_(g_src)
-            got = all_ops(w, x, g, A, B)
+            got = every_op(ops, w, x, g, A, B)
         side.synchronize()
-        want = reference_ops(w, x_src, g_src, A, B, got["lora_forward.xa"])
+        want = every_op(ref, w, x_src, g_src, A, B, got["lora_forward.xa"])
         tag = f"{C}x{nbits} og{og} ig{ig} N={n}"
         for key, t in got.items():
             if t.dtype == torch.bool:
