@@ -18,14 +18,15 @@ from .ops import aqlm_linear, aqlm_lora_linear
 
 # Top-level name -> submodule that defines it, imported on first attribute access.
 _LAZY = {
-    "AqlmLoraLinear": "layer",
-    "dispatch_aqlm": "dispatch",
-    "register": "dispatch",
-    "all_linear_targets": "dispatch",
-    "use_fused_kernels": "fused_base",
-    "restore_aqlm_kernels": "fused_base",
-    "FusedKernels": "fused_base",
-    "parse_scheme": "quantize",
+    "AqlmLoraLinear": "lora.layer",
+    "dispatch_aqlm": "lora.dispatch",
+    "register": "lora.dispatch",
+    "all_linear_targets": "lora.dispatch",
+    "use_fused_kernels": "lora.fused_base",
+    "restore_aqlm_kernels": "lora.fused_base",
+    "FusedKernels": "lora.fused_base",
+    "parse_scheme": "scheme",
+    "Scheme": "scheme",
     "quantize_linear": "quantize",
     "quantize_model": "quantize",
 }
@@ -43,6 +44,7 @@ __all__ = [
     "use_fused_kernels",
     "restore_aqlm_kernels",
     "FusedKernels",
+    "Scheme",
     "parse_scheme",
     "quantize_linear",
     "quantize_model",

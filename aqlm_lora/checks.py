@@ -1,8 +1,8 @@
-"""The argument checks of ``csrc/checks.h``, in Python, for the fake kernels and the wrappers.
+"""The argument checks of ``csrc/common/checks.h``, in Python, for the fake kernels and the wrappers.
 
 Fake (meta) kernels run instead of the C++ ones under ``torch.compile``, on ``meta`` tensors and
 whenever one argument is on the ``meta`` device, so they must refuse what the C++ kernels refuse,
-with the same words. ``tests/test_checks.py`` runs its bad-input table through both and compares
+with the same words. ``tests/ops/test_checks.py`` runs its bad-input table through both and compares
 the messages: change one side, change the other.
 
 Conditions go through ``torch._check`` so that symbolic sizes become guards instead of errors.

@@ -232,11 +232,11 @@ esac
 
 # ---- 4. the test suite's CUDA cases -------------------------------------------------------------
 if [ "$DEVICE" = cuda ]; then
-  # Device-parametrized files (tests/helpers.py: devices() adds "cuda" ids) and the mixed-device check.
-  PYTEST_FILES=${GPU_CHECK_PYTEST_FILES:-tests/test_ops.py tests/test_autograd.py tests/test_dropout.py tests/test_opcheck.py tests/test_checks.py}
+  # Device-parametrized files (tests/support/weights.py: devices() adds "cuda" ids) and the mixed-device check.
+  PYTEST_FILES=${GPU_CHECK_PYTEST_FILES:-tests/ops/test_ops.py tests/ops/test_autograd.py tests/ops/test_dropout.py tests/ops/test_opcheck.py tests/ops/test_checks.py}
   PYTEST_K=${GPU_CHECK_PYTEST_K:-cuda or device_mix}
 else
-  PYTEST_FILES=${GPU_CHECK_PYTEST_FILES:-tests/test_dropout.py}
+  PYTEST_FILES=${GPU_CHECK_PYTEST_FILES:-tests/ops/test_dropout.py}
   PYTEST_K=${GPU_CHECK_PYTEST_K:-cpu}
 fi
 if "$PY" -c "import pytest" 2>/dev/null; then

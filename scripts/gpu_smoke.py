@@ -199,7 +199,7 @@ def check_registration(s: Smoke) -> bool:
 
 def decode_schemes(s: Smoke) -> list[tuple]:
     """(C, nbits, og, ig, code dtype, note): every decode kernel variant, including the shared
-    memory thresholds of gemv.cu's 8-bit path (codebooks staged as float32: C * 256 * og * 8 * 4
+    memory thresholds of decode.cu's 8-bit path (codebooks staged as float32: C * 256 * og * 8 * 4
     bytes; above 48 KiB the kernel opts in, above the device's opt-in limit it must fall back to
     the global-memory kernel)."""
     optin = shared_memory_optin(s.dev)

@@ -22,8 +22,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=$ROOT/.venv/bin/python
 DEST=${SANITIZE_DIR:-$ROOT/build/sanitize}
-TESTS=(tests/test_ops.py tests/test_autograd.py tests/test_checks.py tests/test_dropout.py tests/test_fuzz.py
-       tests/test_scheme_grid.py tests/test_nonfinite.py)
+TESTS=(tests/ops/test_ops.py tests/ops/test_autograd.py tests/ops/test_checks.py tests/ops/test_dropout.py tests/ops/test_fuzz.py
+       tests/ops/test_scheme_grid.py tests/ops/test_nonfinite.py)
 
 [ -x "$PY" ] || { echo "sanitize: $PY not found; run scripts/setup.sh first" >&2; exit 1; }
 mkdir -p "$DEST"

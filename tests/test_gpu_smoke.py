@@ -74,8 +74,8 @@ def test_threshold_schemes_reach_every_gemv_branch(monkeypatch, optin):
 
 
 def test_gemv_branch_rule_matches_gemv_cu():
-    """expected_gemv_kernel follows decode_gemv's choice in csrc/cuda/gemv.cu."""
-    src = (ROOT / "csrc" / "cuda" / "gemv.cu").read_text()
+    """expected_gemv_kernel follows decode_gemv's choice in csrc/cuda/decode.cu."""
+    src = (ROOT / "csrc" / "cuda" / "decode.cu").read_text()
     assert "d.num_codebooks * d.codebook_size * d.out_group * 8 * static_cast<int64_t>(sizeof(float))" in src
     assert "smem_bytes <= static_cast<int64_t>(prop->sharedMemPerBlockOptin)" in src
     assert "if (ig8 && d.nbits <= 8 && smem_fits)" in src
@@ -166,7 +166,7 @@ def _dry_run(tmp_path, **env):
         "PYTHON": sys.executable,
         "GPU_CHECK_DEVICE": "cpu",
         "GPU_CHECK_SKIP_BUILD": "1",
-        "GPU_CHECK_PYTEST_FILES": "tests/test_dropout.py",
+        "GPU_CHECK_PYTEST_FILES": "tests/ops/test_dropout.py",
         "GPU_CHECK_SMOKE_ARGS": "--quick --tokens 1 --no-big",
         **env,
     }

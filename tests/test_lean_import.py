@@ -147,9 +147,9 @@ def test_layer_names_name_peft_when_only_peft_is_missing():
 def test_layer_names_load_when_everything_is_installed():
     import aqlm_lora
 
-    assert aqlm_lora.AqlmLoraLinear.__module__ == "aqlm_lora.layer"
-    assert aqlm_lora.dispatch_aqlm.__module__ == "aqlm_lora.dispatch"
-    assert aqlm_lora.register.__module__ == "aqlm_lora.dispatch"
+    assert aqlm_lora.AqlmLoraLinear.__module__ == "aqlm_lora.lora.layer"
+    assert aqlm_lora.dispatch_aqlm.__module__ == "aqlm_lora.lora.dispatch"
+    assert aqlm_lora.register.__module__ == "aqlm_lora.lora.dispatch"
     assert callable(aqlm_lora.quantize_model) and callable(aqlm_lora.quantize_linear)
 
 
@@ -165,8 +165,9 @@ COLLECT = textwrap.dedent(
 def test_suite_skips_modules_that_need_missing_packages():
     """Without aqlm and peft: the modules that import them are reported as skipped (not collection
     errors), the op tests still collect, and an oracle-based test skips while others pass."""
-    files = ["tests/test_layer.py", "tests/test_peft_integration.py", "tests/test_ops.py", "tests/test_dropout.py"]
-    select = "test_dequantize and cpu and fp32 and 2x8g8- or test_kernel_mask_equals_reference and cpu"
+    files = ["tests/lora/test_layer.py", "tests/lora/test_peft_integration.py"]
+    files += ["tests/ops/test_ops.py", "tests/ops/test_dropout.py"]
+    select = "test_dequantize and cpu and fp32 and 2x8- or test_kernel_mask_equals_reference and cpu"
     proc = _run(COLLECT, "aqlm,peft", *files, "-q", "-rs", "-p", "no:cacheprovider", "-k", select)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

@@ -38,5 +38,5 @@ def test_demo_output_folder_is_not_packaged(tmp_path):
     (info,) = egg_base.glob("*.egg-info")
     assert (info / "top_level.txt").read_text().split() == ["aqlm_lora"]
     sources = (info / "SOURCES.txt").read_text().split()
-    assert "aqlm_lora/fused_base.py" in sources
+    assert "aqlm_lora/lora/fused_base.py" in sources
     assert not [s for s in sources if s.startswith("aqlm_lora_demo")], sources

@@ -3,7 +3,7 @@
     aqlm-lora quantize MODEL_DIR OUT_DIR --scheme 2x8 [--dtype bfloat16]
     aqlm-lora finetune MODEL_DIR --data FILE.{txt,jsonl} --out ADAPTER_DIR [--steps N ...] [--save-every N] [--resume]
     aqlm-lora eval MODEL_DIR [--adapter DIR] --data FILE.{txt,jsonl}
-    aqlm-lora bench [ARGS for benchmarks/bench_linear.py]
+    aqlm-lora bench [ARGS for benchmarks/cpu/bench_linear.py]
     aqlm-lora demo [--out ./aqlm_lora_demo]
 
 Mistakes (missing paths, bad scheme, non-empty output directory, adapter of another model, a
@@ -15,7 +15,7 @@ directories are written to a temporary sibling and renamed into place, so an exi
 only replaced (with ``--overwrite``) once the new one is complete.
 
 Long runs: ``finetune --save-every N`` keeps a checkpoint beside the adapter folder
-(:mod:`aqlm_lora.checkpoint`), Ctrl-C saves one and stops, ``--resume`` continues exactly;
+(:mod:`aqlm_lora.app.checkpoint`), Ctrl-C saves one and stops, ``--resume`` continues exactly;
 ``--log-every N`` prints a progress line per N steps (eval: batches) that a log file sees too.
 A closed output pipe (``aqlm-lora ... | head -1``) ends the command quietly.
 """
@@ -133,8 +133,8 @@ def _add_progress_args(p: argparse.ArgumentParser, unit: str, every: int) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .quantize import SCHEME_GRAMMAR
+    from .. import __version__
+    from ..quantize import SCHEME_GRAMMAR
 
     parser = _Parser(prog=PROG, description="Fast LoRA on AQLM-quantized models (PEFT drop-in).")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="run benchmarks/bench_linear.py --quick (source checkout only)",
-        description="Run benchmarks/bench_linear.py --quick; other arguments (--out DIR, --shapes ...) are "
+        help="run benchmarks/cpu/bench_linear.py --quick (source checkout only)",
+        description="Run benchmarks/cpu/bench_linear.py --quick; other arguments (--out DIR, --shapes ...) are "
         "passed on to it. Results go to ~/.cache/aqlm_lora/bench unless --out is given; only --full "
         "(the whole sweep) rewrites the committed benchmarks/results.",
     )
@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_quantize(args) -> int:
     import torch
 
+    from ..quantize import mean_errors, parse_scheme, quantize_model
     from .data import has_tokenizer
-    from .quantize import copy_tokenizer_files, mean_errors, parse_scheme, quantize_model
+    from .tokenizer_files import copy_tokenizer_files
     from .train import (
         DTYPES,
         UserError,
@@ -655,9 +656,9 @@ class _EvalProgress:
 
 
 def bench_script() -> Optional[Path]:
-    """``benchmarks/bench_linear.py`` of the source checkout (next to the package, or in the cwd)."""
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        candidate = root / "benchmarks" / "bench_linear.py"
+    """``benchmarks/cpu/bench_linear.py`` of the source checkout (next to the package, or in the cwd)."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        candidate = root / "benchmarks" / "cpu" / "bench_linear.py"
         if candidate.is_file():
             return candidate
     return None
@@ -669,7 +670,7 @@ def cmd_bench(args) -> int:
     script = bench_script()
     if script is None:
         raise UserError(
-            "benchmarks/bench_linear.py not found: it ships with the source checkout, not the installed "
+            "benchmarks/cpu/bench_linear.py not found: it ships with the source checkout, not the installed "
             "package; run `aqlm-lora bench` from the repository root"
         )
     command = [sys.executable, str(script)] + ([] if args.full else ["--quick"]) + list(args.extra)

@@ -1,7 +1,7 @@
 """Tokenizers and training/evaluation data of the CLI: plain text or JSONL, as one token stream.
 
 A model's tokenizer is its own transformers tokenizer (``tokenizer.json``, ``tokenizer_config.json``,
-... read by ``transformers.AutoTokenizer``), or the byte tokenizer of :mod:`aqlm_lora.text` for the
+... read by ``transformers.AutoTokenizer``), or the byte tokenizer of :mod:`aqlm_lora.app.text` for the
 demo's models, which carry ``aqlm_lora_tokenizer.json``.
 
 Data files:
@@ -11,7 +11,7 @@ Data files:
 - JSONL (``.jsonl`` / ``.ndjson``, or ``--data-format jsonl``): one JSON object a line, either
   ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}``; blank lines are skipped. Each
   record becomes a document followed by the tokenizer's EOS; a prompt's tokens get the label
-  :data:`aqlm_lora.text.IGNORE`, so the loss (and perplexity) covers the completion only.
+  :data:`aqlm_lora.app.text.IGNORE`, so the loss (and perplexity) covers the completion only.
 
 Documents are concatenated into one stream, from which training draws random windows and
 evaluation takes consecutive ones. JSONL is read with the ``datasets`` library when it is

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .quantize import mean_errors, parse_scheme, quantize_model
+from ..quantize import mean_errors, parse_scheme, quantize_model
 from .text import ByteTokenizer, perplexity, stdlib_corpus
 from .train import (
     TrainSettings,

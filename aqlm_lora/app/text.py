@@ -2,7 +2,7 @@
 
 The byte tokenizer is saved next to a model as ``aqlm_lora_tokenizer.json``; models made by
 ``aqlm-lora demo`` carry it, and ``quantize`` copies it. Other models use their own transformers
-tokenizer (see :mod:`aqlm_lora.data`).
+tokenizer (see :mod:`aqlm_lora.app.data`).
 """
 
 from __future__ import annotations

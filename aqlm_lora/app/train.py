@@ -5,7 +5,7 @@ so every ``aqlm.QuantizedLinear`` gets our fused layer. Next to the adapter we s
 ``optimizer.pt`` (AdamW state) and ``trainer_state.json`` (global step, hyper-parameters, losses);
 ``--resume`` reloads both. Step ``t`` draws its batch and its dropout seeds from ``(seed, t)``
 only, so 2 steps + resume 2 steps gives the same adapter as 4 steps in one go. Periodic and
-interrupt checkpoints (same files, kept apart from the adapter) are :mod:`aqlm_lora.checkpoint`'s.
+interrupt checkpoints (same files, kept apart from the adapter) are :mod:`aqlm_lora.app.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 # use_fused_base: the CLI and demo import it from here (it lives in fused_base now).
-from .fused_base import use_fused_kernels as use_fused_base  # noqa: F401
+from ..lora.fused_base import use_fused_kernels as use_fused_base  # noqa: F401
 from .text import IGNORE, random_starts, take_windows
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -235,7 +235,7 @@ def new_adapter(model: nn.Module, r: int, alpha: float, dropout: float, *, ours:
     """
     from peft import get_peft_model
 
-    from .dispatch import register
+    from ..lora.dispatch import register
 
     if r < 1:
         raise UserError(f"--r must be >= 1, got {r}")
@@ -293,7 +293,7 @@ def load_adapter(model: nn.Module, adapter_dir: PathLike, *, trainable: bool = F
     """``PeftModel.from_pretrained`` through :func:`aqlm_lora.register`, after checking the adapter fits."""
     from peft import LoraConfig, PeftModel
 
-    from .dispatch import register
+    from ..lora.dispatch import register
 
     check_adapter_fits(model, adapter_dir)
     path = Path(adapter_dir) / "adapter_config.json"

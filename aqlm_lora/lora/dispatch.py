@@ -1,4 +1,4 @@
-"""Make PEFT build :class:`~aqlm_lora.layer.AqlmLoraLinear` for ``aqlm.QuantizedLinear`` layers.
+"""Make PEFT build :class:`~aqlm_lora.lora.layer.AqlmLoraLinear` for ``aqlm.QuantizedLinear`` layers.
 
 New model::
 

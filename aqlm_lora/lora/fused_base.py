@@ -7,7 +7,7 @@ codebooks and permutes their codes in place. :func:`use_fused_kernels` gives eac
 instance-level ``forward`` that calls :func:`aqlm_lora.ops.aqlm_linear` on its codes as stored
 (the class, the parameters and the state dict are untouched); :func:`restore_aqlm_kernels` takes
 it away again. :func:`aqlm_lora.register` applies it to the model PEFT adapts (see
-:mod:`aqlm_lora.dispatch`).
+:mod:`aqlm_lora.lora.dispatch`).
 
 This module needs torch only (it never imports aqlm: a model can hold aqlm layers only once aqlm
 was imported), so the training helpers and the CLI import it without loading aqlm.
@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from . import ops
+from .. import ops
 
 __all__ = ["FusedKernels", "canonical_codes", "on_fused_kernels", "restore_aqlm_kernels", "use_fused_kernels"]
 

@@ -40,7 +40,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
-from . import ops
+from .. import ops
 from .fused_base import canonical_codes
 
 __all__ = ["AqlmLoraLinear", "canonical_codes"]

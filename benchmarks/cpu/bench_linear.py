@@ -2,12 +2,12 @@
 
 Run from the repository root with the project's venv::
 
-    .venv/bin/python benchmarks/bench_linear.py --quick      # ~2-3 min: 4096x4096, N = 1, 16, 256
-    .venv/bin/python benchmarks/bench_linear.py              # full sweep, ~25 min
-    .venv/bin/python benchmarks/bench_linear.py --shapes 4096x4096 --schemes 2x8 --tokens 1,4 --dtypes fp32
+    .venv/bin/python benchmarks/cpu/bench_linear.py --quick      # ~2-3 min: 4096x4096, N = 1, 16, 256
+    .venv/bin/python benchmarks/cpu/bench_linear.py              # full sweep, ~25 min
+    .venv/bin/python benchmarks/cpu/bench_linear.py --shapes 4096x4096 --schemes 2x8 --tokens 1,4 --dtypes fp32
 
 What is measured, for shapes (out x in), schemes 1x16 g8 / 2x8 g8, tokens N and dtypes fp32/bf16,
-all on the same deterministic weights (``bench_common.make_weights``):
+all on the same deterministic weights (``measure.make_weights``):
 
 - ours base: ``aqlm_lora.ops.aqlm_gemm``; ours + LoRA r=16: ``ops.aqlm_lora_linear(..., training=False)``
   under ``torch.no_grad()``;
@@ -54,12 +54,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import bench_common as bc
+import measure as bc
 import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"  # the committed full-run results
+RESULTS = HERE.parent / "results"  # the committed full-run results
 MAX_CALL_S = 2.0  # skip a stock aqlm/PEFT cell (and larger N) once one call takes longer
 MAX_STEP_S = 4.0  # the same for one stock PEFT + aqlm training step
 QUICK_STOCK_MAX_N = 64
@@ -592,9 +592,9 @@ def markdown(args, info, rows, train_rows, target_rows, numba_default: Optional[
     mode = "quick" if args.quick else "full"
     notes = Notes()
     parts = [
-        "# aqlm_lora CPU benchmark: one AQLM linear layer (`benchmarks/bench_linear.py`)",
+        "# aqlm_lora CPU benchmark: one AQLM linear layer (`benchmarks/cpu/bench_linear.py`)",
         "",
-        f"Mode: **{mode}**; command: `{' '.join(['benchmarks/bench_linear.py', *sys.argv[1:]])}`; "
+        f"Mode: **{mode}**; command: `{' '.join(['benchmarks/cpu/bench_linear.py', *sys.argv[1:]])}`; "
         f"Timer min_run_time {args.min_run_time} s; times are medians in ms"
         " (the CSV also has IQR and, for our/dense columns, the fastest run). On a machine shared with other"
         " jobs (see the load average) the times are noisy; compare columns of one row, measured interleaved.",

@@ -3,8 +3,8 @@
 Run from the repository root with the project's venv (about 10 minutes on a busy 2-core machine,
 most of it the stalled 2-thread steps)::
 
-    .venv/bin/python benchmarks/bench_threads.py
-    .venv/bin/python benchmarks/bench_threads.py --steps 10 --max-seconds 5   # shorter
+    .venv/bin/python benchmarks/cpu/bench_threads.py
+    .venv/bin/python benchmarks/cpu/bench_threads.py --steps 10 --max-seconds 5   # shorter
 
 Each setting runs in its own process (OpenMP reads its environment once, at start-up): the
 demo-sized Llama (4 layers, hidden 128, MLP 384, byte vocabulary) as AQLM 2x8 with our LoRA
@@ -59,7 +59,7 @@ def _models():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(HERE))
-    import bench_common as bc
+    import measure as bc
 
     import aqlm_lora
 

@@ -1,4 +1,4 @@
-// AVX2/FMA/F16C few-token kernels, picked at run time when the CPU has them (decode_cpu.cpp holds
+// AVX2/FMA/F16C few-token kernels, picked at run time when the CPU has them (decode.cpp holds
 // the portable fallbacks and the threading). Every output is reduced in a fixed order by one
 // thread, so results do not depend on the thread count.
 #include <cstdint>

@@ -4,7 +4,7 @@
 #include <algorithm>
 
 #include "cpu/kernels.h"
-#include "philox.h"
+#include "common/philox.h"
 
 namespace aqlm_lora::cpu {
 namespace {

@@ -1,12 +1,12 @@
-// CPU kernels shared by the op implementations in ops_cpu.cpp. All take raw pointers to
+// CPU kernels shared by the op implementations in ops.cpp. All take raw pointers to
 // contiguous buffers already converted to the accumulation type acc_t (float or double).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
-#include "checks.h"
-#include "plain_aten.h"
+#include "common/checks.h"
+#include "common/plain_aten.h"
 
 namespace aqlm_lora::cpu {
 

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "checks.h"
+#include "common/checks.h"
 #include "cpu/kernels.h"
 #include "cpu/scratch.h"
 

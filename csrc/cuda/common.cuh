@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../checks.h"
+#include "common/checks.h"
 
 namespace aqlm_lora {
 namespace cuda {

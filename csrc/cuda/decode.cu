@@ -16,7 +16,7 @@
 //
 // lora_shrink_kernel computes xa = dropout(x) A^T (float32, one warp per (token, rank) pair),
 // regenerating the Philox mask on the fly; the GEMV epilogue then adds s * xa . lora_B[row].
-#include "../philox.h"
+#include "common/philox.h"
 #include "kernels.cuh"
 
 namespace aqlm_lora {

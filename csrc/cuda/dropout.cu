@@ -1,8 +1,8 @@
 // Philox dropout on CUDA: the keep-mask op and the in-place "x * keep / (1 - p)" used by the LoRA
 // path. Element i (row-major position) is kept when philox_uniform(seed, offset, i) >= p, with the
-// generator of csrc/philox.h, so the mask is bit-identical to the CPU kernels and reference.py.
+// generator of csrc/common/philox.h, so the mask is bit-identical to the CPU kernels and reference.py.
 // One thread handles the 4 elements that share one Philox call (counter = i / 4).
-#include "../philox.h"
+#include "common/philox.h"
 #include "kernels.cuh"
 
 namespace aqlm_lora {

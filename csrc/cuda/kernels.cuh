@@ -1,4 +1,4 @@
-// Host launchers of the aqlm_lora CUDA kernels; ops_cuda.cu composes them into the six ops.
+// Host launchers of the aqlm_lora CUDA kernels; ops.cu composes them into the six ops.
 // Every launcher runs on the current stream, launches nothing for empty work, and checks the
 // launch. None synchronises with the host.
 #pragma once
@@ -12,14 +12,14 @@
 namespace aqlm_lora {
 namespace cuda {
 
-// ---- dequant.cu ---------------------------------------------------------------------------------
+// ---- dequantize.cu ---------------------------------------------------------------------------------
 // Writes the block of W made of rows [row0, row0 + nrows) and in-groups [group0, group0 + ngroups)
 // into `tile` ([nrows, ngroups * in_group], contiguous, 16-byte aligned, any float dtype),
 // accumulating in float32 (float64 when the tile or the codebooks are float64).
 void dequantize_tile(const WeightRef& w, int64_t row0, int64_t nrows, int64_t group0, int64_t ngroups,
                      const at::Tensor& tile);
 
-// ---- gemv.cu ------------------------------------------------------------------------------------
+// ---- decode.cu ------------------------------------------------------------------------------------
 // Up to this many tokens use the decode GEMV kernels (which read each code once for all tokens);
 // more use dequantized tiles + cuBLAS. NOT YET MEASURED ON HARDWARE: 8 is a guess from the
 // design notes (decode is 1-8 tokens per call); tune it with benchmarks/bench_cuda.py.

@@ -2,7 +2,7 @@
 // aqlm_lora/reference.py) and their one TORCH_LIBRARY_IMPL block.
 //
 // Strategy per call:
-//   * decode, 1 <= N <= kDecodeMaxTokens tokens, float32/16/bf16: GEMV kernels of gemv.cu that
+//   * decode, 1 <= N <= kDecodeMaxTokens tokens, float32/16/bf16: GEMV kernels of decode.cu that
 //     read every code once for all tokens; the LoRA shrink is one small kernel (dropout fused),
 //     the LoRA expand, bias and lora_bias are fused in the GEMV epilogue. With the conversion of
 //     x to float32 (skipped for float32 input), a call is 2 launches, 3 with LoRA.
@@ -21,8 +21,8 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
-#include "../plain_aten.h"
+#include "common/checks.h"
+#include "common/plain_aten.h"
 #include "kernels.cuh"
 
 namespace aqlm_lora {

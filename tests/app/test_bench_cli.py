@@ -1,4 +1,4 @@
-"""``aqlm-lora bench`` / ``benchmarks/bench_linear.py``: where results go, and no profiler noise.
+"""``aqlm-lora bench`` / ``benchmarks/cpu/bench_linear.py``: where results go, and no profiler noise.
 
 Only the full sweep may write the committed ``benchmarks/results``; quick and filtered runs go to a
 per-user cache folder unless ``--out`` says otherwise."""
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from aqlm_lora import cli
+from aqlm_lora.app import cli
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))  # bench_linear imports bench_common as a sibling script
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu"
+RESULTS = BENCH.parent / "results"
+sys.path.insert(0, str(BENCH))  # bench_linear imports measure as a sibling script
 
 import bench_linear  # noqa: E402
 
@@ -44,10 +45,10 @@ def test_cache_folder_without_xdg(monkeypatch, tmp_path):
 
 
 def test_full_sweep_and_explicit_out(tmp_path):
-    assert bench_linear.parse_args([]).out == BENCH / "results"
-    assert bench_linear.parse_args(["--threads", "1"]).out == BENCH / "results"
+    assert bench_linear.parse_args([]).out == RESULTS
+    assert bench_linear.parse_args(["--threads", "1"]).out == RESULTS
     assert bench_linear.parse_args(["--quick", "--out", str(tmp_path)]).out == tmp_path
-    assert bench_linear.parse_args(["--quick", "--out", str(BENCH / "results")]).out == BENCH / "results"
+    assert bench_linear.parse_args(["--quick", "--out", str(RESULTS)]).out == RESULTS
 
 
 def test_quick_bench_leaves_committed_results_and_is_quiet(monkeypatch, capfd, tmp_path):
@@ -55,12 +56,12 @@ def test_quick_bench_leaves_committed_results_and_is_quiet(monkeypatch, capfd, t
     the committed results are untouched, and Kineto's profiler_start/stop lines are gone."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("KINETO_LOG_LEVEL", raising=False)
-    committed = _digest(BENCH / "results")
+    committed = _digest(RESULTS)
     assert cli.main(["bench", *TINY]) == 0
     out, err = capfd.readouterr()
     written = tmp_path / "aqlm_lora" / "bench"
     assert {p.name for p in written.iterdir()} >= {"bench_linear.md", "bench_linear.csv", "bench_linear.png"}
-    assert _digest(BENCH / "results") == committed
+    assert _digest(RESULTS) == committed
     assert "Mode: **quick**" in out
     assert "profiler_start" not in err and "profiler_stop" not in err and "USDT" not in err, err
     assert f"wrote {written / 'bench_linear.md'}" in err

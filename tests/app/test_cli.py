@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aqlm_lora import cli
-from aqlm_lora.demo import DemoConfig, build_model, run_demo
-from aqlm_lora.text import TOKENIZER_FILE, ByteTokenizer
+from aqlm_lora.app import cli
+from aqlm_lora.app.demo import DemoConfig, build_model, run_demo
+from aqlm_lora.app.text import TOKENIZER_FILE, ByteTokenizer
 
 TINY = DemoConfig(hidden=32, intermediate=64, layers=2, heads=2, seq=32)
 TRAIN = ["--steps", "2", "--batch", "2", "--seq", "16", "--no-progress"]
@@ -515,7 +515,7 @@ def test_error_bad_tokenizer_file(workspace, capsys, tmp_path, content):
 
 def test_error_adapter_made_non_finite_by_the_last_step(workspace, capsys, tmp_path, monkeypatch):
     """The last update is never followed by a loss: a NaN it makes must not be saved as the adapter."""
-    from aqlm_lora import train
+    from aqlm_lora.app import train
 
     real = train.train_steps
 
@@ -587,7 +587,7 @@ def test_bench_runs_the_script(monkeypatch, capfd, tmp_path):
 
 def test_entry_point_subprocess(tmp_path):
     """``python -m aqlm_lora``: one stderr line and exit code 1 for a user error."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run(
         [sys.executable, "-m", "aqlm_lora", "eval", str(tmp_path / "missing"), "--data", str(tmp_path / "d.txt")],
         capture_output=True,

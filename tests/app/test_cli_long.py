@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aqlm_lora import checkpoint, cli
-from tests.cli_helpers import assert_user_error, byte_model_dir, cli_command, cli_env, run, words_text
+from aqlm_lora.app import checkpoint, cli
+from tests.support.cli import assert_user_error, byte_model_dir, cli_command, cli_env, run, words_text
 
 COMMON = ["--batch", "2", "--seq", "16", "--no-progress", "--lr", "3e-3"]
 
@@ -82,7 +82,7 @@ def test_save_every_writes_checkpoints_outside_the_adapter(ws, straight, capsys,
 
 def test_crash_then_resume_from_the_last_checkpoint(ws, straight, capsys, tmp_path, monkeypatch):
     """A run killed after step 5 (here: an exception) resumes from its step-4 checkpoint, exactly."""
-    from aqlm_lora import train
+    from aqlm_lora.app import train
 
     real, calls = train.take_windows, []
 
@@ -111,13 +111,13 @@ def test_crash_then_resume_from_the_last_checkpoint(ws, straight, capsys, tmp_pa
 
 SLOW_CHILD = """
 import sys, time
-import aqlm_lora.train as train
+import aqlm_lora.app.train as train
 real = train.take_windows
 def slow(*args, **kwargs):  # one step takes >= 0.4 s, so Ctrl-C lands mid-run
     time.sleep(0.2)
     return real(*args, **kwargs)
 train.take_windows = slow
-from aqlm_lora import cli
+from aqlm_lora.app import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -162,7 +162,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(ws, straight, ca
 
 
 def test_unfinished_checkpoint_is_not_overwritten_by_a_fresh_run(ws, capsys, tmp_path, monkeypatch):
-    from aqlm_lora import train
+    from aqlm_lora.app import train
 
     real, calls = train.take_windows, []
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from aqlm_lora.data import load_tokenizer
-from aqlm_lora.quantize import TOKENIZER_FILES
-from tests.cli_helpers import assert_user_error, bpe_model_dir, run, words_text
+from aqlm_lora.app.data import load_tokenizer
+from aqlm_lora.app.tokenizer_files import TOKENIZER_FILES
+from tests.support.cli import assert_user_error, bpe_model_dir, run, words_text
 
 TRAIN = ["--steps", "2", "--batch", "2", "--seq", "16", "--no-progress"]
 EXTRA_FILES = {
@@ -37,7 +37,7 @@ def bpe(tmp_path_factory):
     (root / "data.txt").write_text(text)
     records = [{"prompt": "def value(", "completion": " return self )\n"}, {"text": "import class for in if"}] * 150
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    from aqlm_lora import cli
+    from aqlm_lora.app import cli
 
     assert cli.main(["quantize", str(dense), str(root / "aqlm"), "--no-progress", "--rounds", "1"]) == 0
     return {"root": root, "dense": dense, "aqlm": root / "aqlm", "text": text}

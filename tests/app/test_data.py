@@ -1,4 +1,4 @@
-"""Data files and tokenizers of the CLI (aqlm_lora.data): JSONL records, labels, errors by line."""
+"""Data files and tokenizers of the CLI (aqlm_lora.app.data): JSONL records, labels, errors by line."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from aqlm_lora import data
-from aqlm_lora.text import IGNORE, ByteTokenizer
-from aqlm_lora.train import UserError, next_token_loss
-from tests.cli_helpers import bpe_model_dir, words_text
+from aqlm_lora.app import data
+from aqlm_lora.app.text import IGNORE, ByteTokenizer
+from aqlm_lora.app.train import UserError, next_token_loss
+from tests.support.cli import bpe_model_dir, words_text
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_loss_ignores_prompt_positions():
 
 
 def test_distillation_ignores_prompt_positions():
-    from aqlm_lora.train import distillation_loss
+    from aqlm_lora.app.train import distillation_loss
 
     gen = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)

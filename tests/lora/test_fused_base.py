@@ -14,13 +14,20 @@ import aqlm  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from layer_helpers import TINY_LLAMA, Scheme, assert_close_fp32, dense_weight, make_quantized_linear, tiny_aqlm_llama  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 import aqlm_lora  # noqa: E402
-from aqlm_lora import train  # noqa: E402
-from aqlm_lora.fused_base import FusedKernels, on_fused_kernels, restore_aqlm_kernels, use_fused_kernels  # noqa: E402
+from aqlm_lora.app import train  # noqa: E402
+from aqlm_lora.lora.fused_base import FusedKernels, on_fused_kernels, restore_aqlm_kernels, use_fused_kernels  # noqa: E402
+from tests.support.layers import (  # noqa: E402
+    TINY_LLAMA,
+    Scheme,
+    assert_close_fp32,
+    dense_weight,
+    make_quantized_linear,
+    tiny_aqlm_llama,
+)
 
 LLAMA = TINY_LLAMA
 SCHEMES = {"1x16g8": Scheme(1, 16), "2x8g8": Scheme(2, 8)}

@@ -12,7 +12,13 @@ import aqlm  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from layer_helpers import (  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
+from torch import nn  # noqa: E402
+
+from aqlm_lora import AqlmLoraLinear, ops, reference  # noqa: E402
+from aqlm_lora.lora.layer import canonical_codes  # noqa: E402
+from tests.support.layers import (  # noqa: E402
     DTYPE_IDS,
     DTYPES,
     IN_FEATURES,
@@ -29,12 +35,6 @@ from layer_helpers import (  # noqa: E402
     peft_twin,
     run_with_grads,
 )
-from peft import LoraConfig  # noqa: E402
-from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
-from torch import nn  # noqa: E402
-
-from aqlm_lora import AqlmLoraLinear, ops, reference  # noqa: E402
-from aqlm_lora.layer import canonical_codes  # noqa: E402
 
 MODES = ["single", "rslora_bias", "multi", "mixed", "disabled"]
 MIXED_NAMES = ["b", "a", "__base__", "b"]
@@ -116,7 +116,7 @@ def test_matches_peft(scheme, dtype, mode, tokens):
         assert_low_precision_ok(grad, plain_grads[name], exact_grads[name], what=name)
 
 
-@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.out_group == 1], ids=lambda s: s.id)
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.out_group_size == 1], ids=str)
 def test_matches_peft_with_aqlm_own_forward(scheme):
     """Outputs of PEFT's layer running aqlm's real CPU kernels (numba on one thread for 8-bit codebooks).
 
@@ -248,7 +248,7 @@ def test_never_calls_or_mutates_base_layer():
 
 
 @pytest.mark.parametrize("out_features", [OUT_FEATURES, 8], ids=["rect", "square_groups"])
-@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.nbits == 8], ids=lambda s: s.id)
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.nbits == 8], ids=str)
 def test_codes_permuted_by_aqlm_forward(scheme, out_features):
     """aqlm's CPU forward permutes 8-bit codes in place; ours reads them through a view."""
     pristine = make_quantized_linear(scheme, out_features=out_features)
@@ -259,7 +259,7 @@ def test_codes_permuted_by_aqlm_forward(scheme, out_features):
             ran(torch.randn(2, IN_FEATURES))  # aqlm's own forward, which calls prepare_matmul_op
     else:
         ran.prepare_matmul_op(torch.randn(2, IN_FEATURES))  # the same, without compiling more numba kernels
-    num_out, num_in = out_features // scheme.out_group, IN_FEATURES // scheme.in_group
+    num_out, num_in = out_features // scheme.out_group_size, IN_FEATURES // scheme.in_group_size
     assert ran.gemv_op is not None
     assert tuple(ran.codes.shape) == (num_in, num_out, scheme.num_codebooks)
     assert torch.equal(ran.codes.permute(1, 0, 2), expected_codes)

@@ -12,7 +12,6 @@ import warnings  # noqa: E402
 import aqlm  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from layer_helpers import TINY_LLAMA, Scheme, assert_close_fp32, dense_weight, make_quantized_linear, tiny_aqlm_llama  # noqa: E402
 from peft import (  # noqa: E402
     EvaConfig,
     LoraConfig,
@@ -30,7 +29,15 @@ from transformers import AqlmConfig, AutoModelForCausalLM, LlamaForCausalLM  # n
 
 import aqlm_lora  # noqa: E402
 from aqlm_lora import AqlmLoraLinear, dispatch_aqlm, register  # noqa: E402
-from aqlm_lora.fused_base import on_fused_kernels  # noqa: E402
+from aqlm_lora.lora.fused_base import on_fused_kernels  # noqa: E402
+from tests.support.layers import (  # noqa: E402
+    TINY_LLAMA,
+    Scheme,
+    assert_close_fp32,
+    dense_weight,
+    make_quantized_linear,
+    tiny_aqlm_llama,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA = TINY_LLAMA
@@ -42,8 +49,8 @@ def build_aqlm_llama(scheme: Scheme) -> LlamaForCausalLM:
     transformers AQLM config that saves and reloads it."""
     model = tiny_aqlm_llama(scheme)
     model.config.quantization_config = AqlmConfig(
-        in_group_size=scheme.in_group,
-        out_group_size=scheme.out_group,
+        in_group_size=scheme.in_group_size,
+        out_group_size=scheme.out_group_size,
         num_codebooks=scheme.num_codebooks,
         nbits_per_codebook=scheme.nbits,
         # module names: transformers 5.24 matches these against module paths, so "lm_head.weight"
@@ -105,9 +112,9 @@ def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 def test_exports():
-    assert aqlm_lora.AqlmLoraLinear is aqlm_lora.layer.AqlmLoraLinear
-    assert aqlm_lora.dispatch_aqlm is aqlm_lora.dispatch.dispatch_aqlm
-    assert aqlm_lora.register is aqlm_lora.dispatch.register
+    assert aqlm_lora.AqlmLoraLinear is aqlm_lora.lora.layer.AqlmLoraLinear
+    assert aqlm_lora.dispatch_aqlm is aqlm_lora.lora.dispatch.dispatch_aqlm
+    assert aqlm_lora.register is aqlm_lora.lora.dispatch.register
     assert {"AqlmLoraLinear", "dispatch_aqlm", "register", "aqlm_lora_linear"} <= set(aqlm_lora.__all__)
 
 

@@ -9,13 +9,13 @@ import torch
 import aqlm_lora
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
-from tests.helpers import SCHEME_IDS, SCHEMES, assert_close_fp32, devices, make_weight
+from tests.support.weights import SCHEME_IDS, SCHEMES, assert_close_fp32, devices, random_weight
 
 device_p = pytest.mark.parametrize("device", devices())
 
 
 def _lora_inputs(scheme, device, dtype=torch.float64, rows=(3, 2), r=3):
-    w = make_weight(scheme, 16, 32, dtype, device, bias=True)
+    w = random_weight(scheme, 16, 32, dtype, device, bias=True)
     x = torch.randn(*rows, w.in_features, dtype=dtype, device=device, requires_grad=True)
     lora_A = (torch.randn(r, w.in_features, dtype=dtype, device=device) / 4).requires_grad_()
     lora_B = torch.randn(w.out_features, r, dtype=dtype, device=device).requires_grad_()
@@ -143,7 +143,7 @@ def test_torch_compile_fullgraph(dropout_p, layout, device):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_grad_mode_on_gemm_path_with_threads(threads):
     """Worker threads must not record autograd (they do not inherit the caller's dispatch state)."""
-    w = make_weight(SCHEMES[0], 256, 64, bias=True)  # several row blocks, GEMM path
+    w = random_weight(SCHEMES[0], 256, 64, bias=True)  # several row blocks, GEMM path
     x = torch.randn(48, 64, requires_grad=True)
     lora_A = torch.randn(4, 64, requires_grad=True)
     lora_B = torch.randn(256, 4, requires_grad=True)
@@ -162,7 +162,7 @@ def test_grad_mode_on_gemm_path_with_threads(threads):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_ops_ignore_autocast(dtype):
     """Under autocast the ops compute in their inputs' dtypes, exactly as without it."""
-    w = make_weight(SCHEMES[1], 64, 64, bias=True)
+    w = random_weight(SCHEMES[1], 64, 64, bias=True)
     x = torch.randn(20, 64, requires_grad=True)
     lora_A = torch.randn(4, 64, requires_grad=True)
     lora_B = torch.randn(64, 4, requires_grad=True)
@@ -178,7 +178,7 @@ def test_ops_ignore_autocast(dtype):
 def test_bias_grads_accumulate_in_fp32(dtype):
     """lora_bias / bias gradients are row sums: in fp16 8000 rows of 20 overflow (160000 > 65504)
     and bf16 loses digits; they must be summed in fp32 like the rest of the op."""
-    w = make_weight(SCHEMES[1], 16, 32, dtype, bias=True)
+    w = random_weight(SCHEMES[1], 16, 32, dtype, bias=True)
     rows = 8000
     x = torch.randn(rows, w.in_features, dtype=dtype)
     lora_A = torch.zeros(4, w.in_features, requires_grad=True)
@@ -214,7 +214,7 @@ def test_first_order_backward_with_grad_mode_on_still_works():
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=SCHEME_IDS[:2])
 def test_gradgradcheck_aqlm_linear(scheme):
     """The base layer is linear in x: its second-order gradients exist and are exact."""
-    w = make_weight(scheme, 16, 32, torch.float64, bias=True)
+    w = random_weight(scheme, 16, 32, torch.float64, bias=True)
     x = torch.randn(3, w.in_features, dtype=torch.float64, requires_grad=True)
     bias = w.bias.clone().requires_grad_()
     assert torch.autograd.gradgradcheck(lambda x, b: aqlm_lora.aqlm_linear(x, *w.args(), b), (x, bias))

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from aqlm_lora import ops
-from tests.helpers import SCHEMES, make_weight
+from tests.support.weights import SCHEMES, random_weight
 
 
 @pytest.fixture
 def w():
-    return make_weight(SCHEMES[1], 16, 32, bias=True)
+    return random_weight(SCHEMES[1], 16, 32, bias=True)
 
 
 def lora(w, r=4):
@@ -44,7 +44,7 @@ def test_codebook_size_not_power_of_two(w):
 
 
 def test_int8_codes_for_16_bit_codebooks():
-    w16 = make_weight(SCHEMES[0], 16, 32)
+    w16 = random_weight(SCHEMES[0], 16, 32)
     with pytest.raises(RuntimeError, match="hold at most 8 bits, but codebooks have 2\\*\\*16 entries"):
         ops.dequantize(w16.codes.to(torch.int8), w16.codebooks, w16.scales)
 
@@ -167,7 +167,7 @@ def _bad_calls(w):
     }
 
 
-BAD_CALLS = list(_bad_calls(make_weight(SCHEMES[1], 16, 32)))
+BAD_CALLS = list(_bad_calls(random_weight(SCHEMES[1], 16, 32)))
 
 
 @pytest.mark.parametrize("case", BAD_CALLS)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pytest_child(path: str, selection: str, **env: str) -> subprocess.CompletedProcess:
@@ -45,9 +45,9 @@ def test_debug_fill_mode_keeps_ops_exact():
 @pytest.mark.parametrize(
     "path,selection",
     [
-        ("tests/test_scheme_grid.py", "fp32"),
-        ("tests/test_ops.py", "N1 or N7 or N300"),
-        ("tests/test_nonfinite.py", "fp32"),
+        ("tests/ops/test_scheme_grid.py", "fp32"),
+        ("tests/ops/test_ops.py", "N1 or N7 or N300"),
+        ("tests/ops/test_nonfinite.py", "fp32"),
     ],
     ids=["scheme_grid", "ops", "nonfinite"],
 )

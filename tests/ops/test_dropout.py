@@ -7,7 +7,7 @@ import torch
 
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
-from tests.helpers import devices
+from tests.support.weights import devices
 
 # Known-answer vectors of Philox4x32-10 (Random123): (counter words, key words) -> output words.
 KAT = [
@@ -61,9 +61,9 @@ def test_float64_dropout_scale_is_float64():
     put a 1.7e-9 relative error into every float64 output that passes through the mask."""
     from aqlm_lora import ops
     from aqlm_lora import reference as ref
-    from tests.helpers import SCHEMES, make_weight
+    from tests.support.weights import SCHEMES, random_weight
 
-    w = make_weight(SCHEMES[1], 16, 32, torch.float64)
+    w = random_weight(SCHEMES[1], 16, 32, torch.float64)
     x = torch.randn(5, 32, dtype=torch.float64)
     lora_A, lora_B = torch.randn(4, 32, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
     args = (*w.args(), None, lora_A, lora_B, None, 0.5, 0.1, 7, 0)

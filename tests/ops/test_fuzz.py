@@ -8,11 +8,11 @@ strided with a storage offset, offset, broadcast with stride 0) of every tensor 
 dtype mix, bias, LoRA bias, dropout and scaling. Each example checks:
 
 * every op, the autograd entry points (``aqlm_lora_linear``, ``aqlm_linear``) and
-  ``aqlm_lora.reference`` against the float64 oracle of ``tests/fuzz_oracle.py``, elementwise,
+  ``aqlm_lora.reference`` against the float64 oracle of ``tests/support/fuzz_oracle.py``, elementwise,
   with a bound scaled by the magnitude of the terms:
   ``|ours - exact| <= eps(out dtype) * |exact| + rtol(acc) * sum|terms| + (roundings the op
   documents)``, rtol 1e-5 for float32 accumulation and 1e-12 for float64;
-* bf16/fp16 outputs also against the project's rule (tests/helpers.assert_low_precision_ok: at
+* bf16/fp16 outputs also against the project's rule (tests/support/weights.assert_low_precision_ok: at
   most 2x the error of plain PyTorch at that dtype, both vs float64);
 * the dropout mask against the reference Philox, bit for bit;
 * the fake kernels against the real outputs: shape, dtype and significant strides.
@@ -24,7 +24,7 @@ Profiles: CI runs AQLM_LORA_FUZZ_EXAMPLES=200 layer examples (the default; the n
 property runs half as many) from a fixed seed (AQLM_LORA_FUZZ_SEED, default 0), so a CI failure
 replays locally; about 15-20 s on 2 idle cores. A long run::
 
-    AQLM_LORA_FUZZ_EXAMPLES=5000 AQLM_LORA_FUZZ_SEED=$RANDOM .venv/bin/python -m pytest tests/test_fuzz.py -s
+    AQLM_LORA_FUZZ_EXAMPLES=5000 AQLM_LORA_FUZZ_SEED=$RANDOM .venv/bin/python -m pytest tests/ops/test_fuzz.py -s
 
 Each test prints how many examples ran and which kernel paths they took (a ``fuzz:`` line).
 Each check raises its own AssertionError subclass, so hypothesis shrinks distinct failing checks
@@ -51,8 +51,8 @@ from torch import Tensor
 
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
-from tests import fuzz_oracle as oracle
-from tests.helpers import assert_low_precision_ok
+from tests.support import fuzz_oracle as oracle
+from tests.support.weights import assert_low_precision_ok
 
 EXAMPLES = int(os.environ.get("AQLM_LORA_FUZZ_EXAMPLES", "200"))
 FUZZ_SEED = int(os.environ.get("AQLM_LORA_FUZZ_SEED", "0"))
@@ -69,7 +69,7 @@ MAX_FEATURES = 256
 MAX_ROW_WORK = 1 << 22  # N * in_features * out_features (about): keeps each example fast
 MAX_CODEBOOK_ELEMENTS = 1 << 18  # C * 2**nbits * og * ig: keeps each example fast
 
-# Mirrors of the CPU kernels' thresholds (csrc/cpu/decode_cpu.cpp), only to label examples.
+# Mirrors of the CPU kernels' thresholds (csrc/cpu/decode.cpp), only to label examples.
 DECODE_MAX_ROWS = 8
 DECODE_MAX_ACCUMULATORS = 64
 LUT_MAX_BYTES = 8 << 20
@@ -375,7 +375,7 @@ def check_close(
 
 
 def check_plain_rule(check: str, actual: Tensor, plain: Tensor, want: oracle.Value) -> None:
-    """bf16/fp16: the project's rule (helpers.assert_low_precision_ok) against the float64 oracle."""
+    """bf16/fp16: the project's rule (tests.support.weights.assert_low_precision_ok) against the float64 oracle."""
     if actual.dtype not in (torch.bfloat16, torch.float16):
         return
     exact = torch.from_numpy(want.exact).reshape(actual.shape)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
-from tests.helpers import SCHEME_IDS, SCHEMES, make_weight
+from tests.support.weights import SCHEME_IDS, SCHEMES, random_weight
 
 ROWS = [*range(1, 17), 300]
 
@@ -32,7 +32,7 @@ def _poisoned(rows: int, features: int, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("rows", ROWS, ids=[f"N{n}" for n in ROWS])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
 def test_aqlm_gemm_propagates_like_f_linear(scheme, rows, dtype):
-    w = make_weight(scheme, 32, 64, dtype)
+    w = random_weight(scheme, 32, 64, dtype)
     x = _poisoned(rows, w.in_features, dtype)
     expected = F.linear(x.float(), ref.dequantize(*w.args()).float())
     actual = ops.aqlm_gemm(x, *w.args(), None).float()
@@ -45,7 +45,7 @@ def test_aqlm_gemm_propagates_like_f_linear(scheme, rows, dtype):
 @pytest.mark.parametrize("rows", [1, 4, 8, 9, 300], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=SCHEME_IDS[:2])
 def test_lora_forward_propagates_like_reference(scheme, rows):
-    w = make_weight(scheme, 32, 64)
+    w = random_weight(scheme, 32, 64)
     x = _poisoned(rows, w.in_features, torch.float32)
     lora_A, lora_B = torch.randn(4, w.in_features), torch.randn(w.out_features, 4)
     args = (*w.args(), None, lora_A, lora_B, None, 0.5, 0.0, 0, 0)
@@ -57,7 +57,7 @@ def test_lora_forward_propagates_like_reference(scheme, rows):
 
 def test_row_does_not_depend_on_batch_size():
     """A row holding +Inf gives the same specials alone and inside batches on either path."""
-    w = make_weight(SCHEMES[1], 32, 64)
+    w = random_weight(SCHEMES[1], 32, 64)
     x = _poisoned(12, w.in_features, torch.float32)
     alone = ops.aqlm_gemm(x[:1], *w.args(), None)
     for rows in (2, 8, 9, 12):

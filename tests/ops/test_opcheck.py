@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import SCHEMES, devices, make_weight
+from tests.support.weights import SCHEMES, devices, random_weight
 
 
 def _samples(scheme, device, dtype):
-    w = make_weight(scheme, 16, 32, dtype, device, bias=True)
+    w = random_weight(scheme, 16, 32, dtype, device, bias=True)
     x = torch.randn(2, 3, w.in_features, dtype=dtype, device=device, requires_grad=True)
     g = torch.randn(2, 3, w.out_features, dtype=dtype, device=device)
     lora_A = torch.randn(4, w.in_features, dtype=dtype, device=device, requires_grad=True)
@@ -57,7 +57,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("scheme,device,dtype", CASES, ids=[f"{s.id}-{d}-{str(t)[6:]}" for s, d, t in CASES])
+@pytest.mark.parametrize("scheme,device,dtype", CASES, ids=[f"{s}-{d}-{str(t)[6:]}" for s, d, t in CASES])
 def test_opcheck(scheme, device, dtype):
     for op, args in _samples(scheme, device, dtype):
         torch.library.opcheck(op, args)

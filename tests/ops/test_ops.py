@@ -8,7 +8,8 @@ import torch
 
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
-from tests.helpers import (
+from tests.support.oracles import aqlm_dense, plain_linear, plain_lora, upcast
+from tests.support.weights import (
     DTYPE_IDS,
     DTYPES,
     SCHEME_IDS,
@@ -16,9 +17,8 @@ from tests.helpers import (
     assert_close_fp32,
     assert_low_precision_ok,
     devices,
-    make_weight,
+    random_weight,
 )
-from tests.oracles import aqlm_dense, plain_linear, plain_lora, upcast
 
 SHAPES = [(48, 80), (34, 48)]  # (out, in): not powers of two, divisible by every scheme's groups
 SHAPE_IDS = [f"{o}x{i}" for o, i in SHAPES]
@@ -45,7 +45,7 @@ def check(actual, exact32, plain):
 @dtype_p
 @scheme_p
 def test_dequantize(scheme, dtype, device):
-    w = make_weight(scheme, 48, 80, dtype, device)
+    w = random_weight(scheme, 48, 80, dtype, device)
     codes_before = w.codes.clone()
     out = ops.dequantize(*w.args())
     assert out.dtype == dtype and out.shape == (48, 80)
@@ -61,7 +61,7 @@ def test_dequantize(scheme, dtype, device):
 @dtype_p
 @scheme_p
 def test_aqlm_gemm(scheme, dtype, shape, rows, bias, device):
-    w = make_weight(scheme, *shape, dtype, device, bias=bias)
+    w = random_weight(scheme, *shape, dtype, device, bias=bias)
     x = torch.randn(rows, w.in_features, dtype=dtype, device=device)
     codes_before = w.codes.clone()
     out = ops.aqlm_gemm(x, *w.args(), w.bias)
@@ -77,7 +77,7 @@ def test_aqlm_gemm(scheme, dtype, shape, rows, bias, device):
 @dtype_p
 @scheme_p
 def test_aqlm_gemm_t(scheme, dtype, shape, rows, device):
-    w = make_weight(scheme, *shape, dtype, device)
+    w = random_weight(scheme, *shape, dtype, device)
     g = torch.randn(rows, w.out_features, dtype=dtype, device=device)
     out = ops.aqlm_gemm_t(g, *w.args())
     assert out.shape == (rows, w.in_features) and out.dtype == dtype
@@ -91,7 +91,7 @@ def test_aqlm_gemm_t(scheme, dtype, shape, rows, device):
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=SCHEME_IDS[:2])
 def test_leading_dims_and_strides(scheme, leading, device):
     """Inputs of any leading dims and non-contiguous inputs give the same rows as a 2-D call."""
-    w = make_weight(scheme, 48, 80, torch.float32, device, bias=True)
+    w = random_weight(scheme, 48, 80, torch.float32, device, bias=True)
     big = torch.randn(*leading, 2 * w.in_features, device=device)
     x = big[..., ::2]  # non-contiguous
     assert not x.is_contiguous()
@@ -115,7 +115,7 @@ LORA_IDS = ["nodrop", "drop0.25-lorabias"]
 @dtype_p
 @scheme_p
 def test_lora_forward(scheme, dtype, rows, dropout_p, lora_bias, device):
-    w = make_weight(scheme, 48, 80, dtype, device, bias=True)
+    w = random_weight(scheme, 48, 80, dtype, device, bias=True)
     r, scaling, seed, offset = 4, 1.75, 1234, 7
     x = torch.randn(rows, w.in_features, dtype=dtype, device=device)
     lora_A = torch.randn(r, w.in_features, device=device) / 8
@@ -149,7 +149,7 @@ def _plain_lora_grads(x, w, lora_A, lora_B, scaling, dropout_p, seed, offset, g)
 @dtype_p
 @scheme_p
 def test_lora_backward(scheme, dtype, rows, dropout_p, device):
-    w = make_weight(scheme, 48, 80, dtype, device)
+    w = random_weight(scheme, 48, 80, dtype, device)
     r, scaling, seed, offset = 4, 0.5, 99, 3
     x = torch.randn(rows, w.in_features, dtype=dtype, device=device)
     g = torch.randn(rows, w.out_features, dtype=dtype, device=device)

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
     "path,selection",
     [
-        ("tests/test_ops.py", "test_aqlm_gemm and (N1 or N7)"),
-        ("tests/test_ops.py", "test_lora_forward and (N1 or N7)"),
-        ("tests/test_ops.py", "test_lora_backward and N7"),
-        ("tests/test_scheme_grid.py", "fp32"),
+        ("tests/ops/test_ops.py", "test_aqlm_gemm and (N1 or N7)"),
+        ("tests/ops/test_ops.py", "test_lora_forward and (N1 or N7)"),
+        ("tests/ops/test_ops.py", "test_lora_backward and N7"),
+        ("tests/ops/test_scheme_grid.py", "fp32"),
     ],
     ids=["gemm", "lora_forward", "lora_backward", "scheme_grid"],
 )

@@ -13,7 +13,7 @@ import torch
 
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
-from tests.helpers import Scheme, assert_close_fp32, make_weight
+from tests.support.weights import Scheme, assert_close_fp32, random_weight
 
 IN_GROUPS = [1, 3, 4, 8, 16, 17, 32, 64]
 OUT_GROUPS = [1, 2, 3, 4]
@@ -24,9 +24,9 @@ def _grid() -> list[Scheme]:
     for k, (ig, og) in enumerate((ig, og) for ig in IN_GROUPS for og in OUT_GROUPS):
         # Large groups keep nbits small so a 2**nbits x og x ig codebook stays small.
         nbits = [1, 2, 5, 8, 12, 16][k % 6] if ig * og <= 16 else [1, 3, 6, 8][k % 4]
-        schemes.append(Scheme(1 + k % 3, nbits, in_group=ig, out_group=og))
+        schemes.append(Scheme(1 + k % 3, nbits, in_group_size=ig, out_group_size=og))
     schemes += [Scheme(2, nbits) for nbits in range(1, 17)]  # every nbits at the common 8-wide group
-    schemes += [Scheme(4, 8, in_group=8, out_group=1), Scheme(8, 4, in_group=4, out_group=2)]
+    schemes += [Scheme(4, 8, in_group_size=8, out_group_size=1), Scheme(8, 4, in_group_size=4, out_group_size=2)]
     return schemes
 
 
@@ -42,10 +42,10 @@ def _check(actual, expected, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("scheme", GRID, ids=[s.id for s in GRID])
+@pytest.mark.parametrize("scheme", GRID, ids=str)
 def test_ops_match_reference(scheme, dtype):
     # 10 output groups: more than one 8-row tile; 5 input groups: odd, more than one chunk of 16.
-    w = make_weight(scheme, 10 * scheme.out_group, 5 * scheme.in_group, dtype)
+    w = random_weight(scheme, 10 * scheme.out_group_size, 5 * scheme.in_group_size, dtype)
     _check(ops.dequantize(*w.args()), ref.dequantize(*w.args()), dtype)
     lora_A = torch.randn(3, w.in_features, dtype=dtype)
     lora_B = torch.randn(w.out_features, 3, dtype=dtype)

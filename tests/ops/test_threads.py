@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aqlm_lora import ops
-from tests.helpers import SCHEME_IDS, SCHEMES, make_weight
+from tests.support.weights import SCHEME_IDS, SCHEMES, random_weight
 
 ROWS = {torch.float32: [*range(1, 34), 300], torch.bfloat16: [1, 5, 8, 9, 11, 17, 33, 300]}
 THREADS = [1, 2, 3]
@@ -22,7 +22,7 @@ def _run_all(w, x, g, lora_A, lora_B, p):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
 def test_thread_counts_agree(scheme, dtype):
-    w = make_weight(scheme, 512, 1024, dtype, bias=True)  # big enough to split across threads
+    w = random_weight(scheme, 512, 1024, dtype, bias=True)  # big enough to split across threads
     lora_A = torch.randn(8, w.in_features, dtype=dtype)
     lora_B = torch.randn(w.out_features, 8, dtype=dtype)
     assert torch.equal(ops.dequantize(*w.args()), ops.dequantize(*w.args()))

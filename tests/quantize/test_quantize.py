@@ -11,6 +11,7 @@ from torch import nn
 
 from aqlm_lora import ops, reference
 from aqlm_lora import quantize as q
+from aqlm_lora.quantize import clustering
 
 # (scheme, weight shape [out, in]): small enough that k-means is quick, big enough to matter.
 SCHEMES = [
@@ -111,7 +112,7 @@ def test_pack_codes_rejects_out_of_range():
 def test_nearest_chunked_matches_brute_force(monkeypatch):
     points, centers = torch.randn(500, 8), torch.randn(300, 8)
     expect = torch.cdist(points, centers).argmin(1)
-    monkeypatch.setattr(q, "_CHUNK_ELEMENTS", 1000)  # forces chunks of 3 rows
+    monkeypatch.setattr(clustering, "_CHUNK_ELEMENTS", 1000)  # forces chunks of 3 rows
     index, dist = q.nearest(points, centers)
     assert torch.equal(index, expect)
     torch.testing.assert_close(dist, (points - centers[index]).pow(2).sum(1), rtol=1e-4, atol=1e-4)
@@ -283,7 +284,7 @@ def test_save_and_reload_through_transformers(tmp_path, scheme, skip):
     """save_pretrained -> AutoModelForCausalLM.from_pretrained (transformers' AQLM loader) -> same model."""
     from transformers import AutoModelForCausalLM
 
-    from aqlm_lora.train import use_fused_base
+    from aqlm_lora.app.train import use_fused_base
 
     model = _tiny_llama()
     q.quantize_model(model, scheme, skip=skip, progress=False, rounds=1)

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import torch
 
-from aqlm_lora import cli
-from aqlm_lora.demo import DemoConfig, build_model
-from aqlm_lora.text import ByteTokenizer
+from aqlm_lora.app import cli
+from aqlm_lora.app.demo import DemoConfig, build_model
+from aqlm_lora.app.text import ByteTokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = DemoConfig(hidden=32, intermediate=64, layers=2, heads=2, seq=32)
 WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "if", "else", "(", ")", ":", "\n"]
 

@@ -15,7 +15,7 @@ from peft import LoraConfig
 from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear
 from torch import Tensor, nn
 
-from tests.helpers import SCHEME_IDS, SCHEMES, Scheme  # noqa: F401  (one scheme list for all tests)
+from tests.support.weights import SCHEME_IDS, SCHEMES, Scheme  # noqa: F401  (one scheme list for all tests)
 
 DTYPES = [torch.float32, torch.bfloat16]
 DTYPE_IDS = ["fp32", "bf16"]
@@ -35,8 +35,8 @@ def make_quantized_linear(
     layer = aqlm.QuantizedLinear(
         in_features,
         out_features,
-        scheme.in_group,
-        scheme.out_group,
+        scheme.in_group_size,
+        scheme.out_group_size,
         scheme.num_codebooks,
         scheme.nbits,
         bias=bias,
@@ -48,7 +48,7 @@ def make_quantized_linear(
     with torch.no_grad():
         codes = torch.randint(info.min, info.max + 1, layer.codes.shape, generator=g, dtype=torch.int64)
         layer.codes.copy_(codes.to(layer.codes.dtype))
-        std = 1.0 / math.sqrt(scheme.num_codebooks * scheme.in_group)
+        std = 1.0 / math.sqrt(scheme.num_codebooks * scheme.in_group_size)
         layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=g) * std)
         layer.scales.copy_(torch.rand(layer.scales.shape, generator=g) + 0.5)
         if bias:

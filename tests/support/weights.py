@@ -1,41 +1,21 @@
-"""Shared test helpers: AQLM schemes, random weights, devices, and the tolerance rule."""
+"""The schemes and dtypes the tests sweep, random weights (``aqlm_lora.scheme``), devices, tolerances."""
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class Scheme:
-    num_codebooks: int
-    nbits: int
-    in_group: int = 8
-    out_group: int = 1
-
-    @property
-    def id(self) -> str:
-        suffix = "" if self.out_group == 1 else f"o{self.out_group}"
-        return f"{self.num_codebooks}x{self.nbits}g{self.in_group}{suffix}"
-
-    @property
-    def code_dtype(self) -> torch.dtype:
-        return torch.int8 if self.nbits <= 8 else torch.int16
-
+from aqlm_lora.scheme import AqlmWeight, Scheme, random_weight  # noqa: F401  (re-exported for the tests)
 
 SCHEMES = [
     Scheme(1, 16),
     Scheme(2, 8),
     Scheme(1, 8),
     Scheme(4, 8),
-    Scheme(1, 16, in_group=16),
-    Scheme(2, 8, out_group=2),
+    Scheme(1, 16, in_group_size=16),
+    Scheme(2, 8, out_group_size=2),
 ]
-SCHEME_IDS = [s.id for s in SCHEMES]
+SCHEME_IDS = [str(s) for s in SCHEMES]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -51,55 +31,6 @@ def devices() -> list[str]:
     if torch.cuda.is_available() and cuda_kernels_built():
         found.append("cuda")
     return found
-
-
-@dataclass
-class AqlmWeight:
-    codes: Tensor
-    codebooks: Tensor
-    scales: Tensor
-    bias: Optional[Tensor]
-    scheme: Scheme
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[0] * self.scheme.out_group
-
-    @property
-    def in_features(self) -> int:
-        return self.codes.shape[1] * self.scheme.in_group
-
-    def args(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.codes, self.codebooks, self.scales
-
-
-def make_weight(
-    scheme: Scheme,
-    out_features: int,
-    in_features: int,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    bias: bool = False,
-    generator: Optional[torch.Generator] = None,
-) -> AqlmWeight:
-    """A random AQLM weight whose codes cover the full signed range of their storage dtype."""
-    g = generator or torch.Generator().manual_seed(0)
-    info = torch.iinfo(scheme.code_dtype)
-    shape = (out_features // scheme.out_group, in_features // scheme.in_group, scheme.num_codebooks)
-    codes = torch.randint(info.min, info.max + 1, shape, generator=g, dtype=torch.int64).to(scheme.code_dtype)
-    codebooks = torch.randn(
-        scheme.num_codebooks, 2**scheme.nbits, scheme.out_group, scheme.in_group, generator=g
-    ) / math.sqrt(scheme.num_codebooks * scheme.in_group)
-    scales = torch.rand(shape[0], 1, 1, 1, generator=g) + 0.5
-    b = torch.randn(out_features, generator=g) if bias else None
-    to = dict(device=device, dtype=dtype)
-    return AqlmWeight(
-        codes.to(device),
-        codebooks.to(**to),
-        scales.to(**to),
-        None if b is None else b.to(**to),
-        scheme,
-    )
 
 
 def assert_close_fp32(actual: Tensor, expected: Tensor, rtol: float = 1e-5) -> None:
