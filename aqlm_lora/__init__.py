@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 from . import ops
-from .ops import aqlm_linear, aqlm_lora_linear
+from .functional import aqlm_linear, aqlm_lora_linear
 
 # Top-level name -> submodule that defines it, imported on first attribute access.
 _LAZY = {

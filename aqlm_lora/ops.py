@@ -245,52 +245,6 @@ torch.library.register_autograd("aqlm_lora::lora_forward", _lora_forward_backwar
 # Differentiable entry points.
 
 
-def _refuse_weight_grad(codebooks: Tensor, scales: Tensor) -> None:
-    if torch.is_grad_enabled() and (codebooks.requires_grad or scales.requires_grad):
-        raise ValueError(
-            "aqlm_lora: gradients w.r.t. codebooks or scales are not supported; freeze them with "
-            "requires_grad_(False) (PEFT does this for base layers)"
-        )
-
-
-def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-
-
-def aqlm_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Differentiable base AQLM layer ``x @ W^T + bias`` (gradients to ``x`` and ``bias``)."""
-    _refuse_weight_grad(codebooks, scales)
-    return aqlm_gemm(x, codes, codebooks, scales, bias)
-
-
-def aqlm_lora_linear(
-    x: Tensor,
-    codes: Tensor,
-    codebooks: Tensor,
-    scales: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    lora_bias: Optional[Tensor] = None,
-    training: bool = True,
-    seed: Optional[int] = None,
-    offset: int = 0,
-) -> Tensor:
-    """AQLM layer plus LoRA in one fused, differentiable call.
-
-    ``y = x W^T + bias + scaling * (dropout(x) A^T) B^T + scaling * lora_bias``. Dropout applies
-    only when ``training`` and ``dropout_p > 0``; its seed is drawn with :func:`draw_seed` unless
-    given. Gradients flow to ``x``, ``bias``, ``lora_A``, ``lora_B`` and ``lora_bias``; the backward
-    saves only ``x`` and ``xa = dropout(x) A^T`` ([N, r]).
-    """
-    _refuse_weight_grad(codebooks, scales)
-    p = float(dropout_p) if training else 0.0
-    if p != 0.0 and seed is None:
-        seed = draw_seed()
-    out, _ = lora_forward(
-        x, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed or 0, offset
-    )
-    return out
+# The differentiable entry points live in functional.py; these names stay here for callers of
+# aqlm_lora.ops.aqlm_lora_linear (functional imports this module, so this import comes last).
+from .functional import aqlm_linear, aqlm_lora_linear, draw_seed  # noqa: E402,F401

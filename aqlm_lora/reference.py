@@ -103,10 +103,16 @@ def dropout_mask(input: Tensor, dropout_p: float, seed: int, offset: int) -> Ten
     return u >= torch.tensor(dropout_p, dtype=torch.float32)
 
 
+def dropout_scaled(x: Tensor, keep: Tensor, dropout_p: float) -> Tensor:
+    """Inverted dropout: kept elements scaled by ``1 / (1 - p)``, dropped ones zero (the one Python
+    copy of the formula; csrc/common/dropout.h is the C++ one)."""
+    return x * keep.to(x.dtype) / (1.0 - dropout_p)
+
+
 def apply_dropout(x: Tensor, dropout_p: float, seed: int, offset: int) -> Tensor:
     if dropout_p == 0.0:
         return x
-    return x * dropout_mask(x, dropout_p, seed, offset).to(x.dtype) / (1.0 - dropout_p)
+    return dropout_scaled(x, dropout_mask(x, dropout_p, seed, offset), dropout_p)
 
 
 def lora_forward(

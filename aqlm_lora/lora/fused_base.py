@@ -4,7 +4,7 @@ PEFT replaces only the layers a LoRA config targets; the others (with PEFT's def
 ``q_proj``/``v_proj``: ``k_proj``, ``o_proj`` and the MLP) would still call aqlm's own forward,
 which on CPU is slow, races in its multithreaded numba kernel, cannot be trained through for 8-bit
 codebooks and permutes their codes in place. :func:`use_fused_kernels` gives each such layer an
-instance-level ``forward`` that calls :func:`aqlm_lora.ops.aqlm_linear` on its codes as stored
+instance-level ``forward`` that calls :func:`aqlm_lora.functional.aqlm_linear` on its codes as stored
 (the class, the parameters and the state dict are untouched); :func:`restore_aqlm_kernels` takes
 it away again. :func:`aqlm_lora.register` applies it to the model PEFT adapts (see
 :mod:`aqlm_lora.lora.dispatch`).
@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .. import ops
+from .. import functional
 
 __all__ = ["FusedKernels", "canonical_codes", "on_fused_kernels", "restore_aqlm_kernels", "use_fused_kernels"]
 
@@ -88,7 +88,7 @@ class _FusedForward:
 
     def __call__(self, input: Tensor) -> Tensor:
         layer = self.layer
-        return ops.aqlm_linear(input, canonical_codes(layer), layer.codebooks, layer.scales, layer.bias)
+        return functional.aqlm_linear(input, canonical_codes(layer), layer.codebooks, layer.scales, layer.bias)
 
     def __repr__(self) -> str:
         return "<aqlm_lora fused forward>"
@@ -172,7 +172,7 @@ def use_fused_kernels(model: nn.Module) -> FusedKernels:
     """Run every ``aqlm.QuantizedLinear`` in ``model`` on aqlm_lora's kernels; returns a handle.
 
     Each layer (a bare one, or the base layer inside a PEFT tuner layer) gets an instance-level
-    ``forward`` that computes ``x @ W^T + bias`` with :func:`aqlm_lora.ops.aqlm_linear` straight from
+    ``forward`` that computes ``x @ W^T + bias`` with :func:`aqlm_lora.functional.aqlm_linear` straight from
     its codes (read as stored, also after aqlm's own CPU forward has permuted them), differentiable
     with respect to ``x`` and ``bias``. Parameters, state dict, ``save_pretrained`` and the class are
     unchanged; the patch itself is not saved. Calling it again is a no-op for patched layers.

@@ -4,10 +4,10 @@ A drop-in for ``peft.tuners.lora.aqlm.AqlmLoraLinear``: same constructor, same s
 (``base_layer.*``, ``lora_A.<name>.weight``, ``lora_B.<name>.weight``/``.bias``), same scaling,
 ``lora_bias``, ``disable_adapters``, ``set_adapter``, ``delete_adapter`` and ``adapter_names``
 mixed-batch semantics. This module only decides *what* to compute (which adapters, scaling,
-dropout probability, dtypes); the math is :func:`aqlm_lora.ops.aqlm_lora_linear` /
-:func:`aqlm_lora.ops.aqlm_linear`, which read the base layer's ``codes``, ``codebooks``, ``scales``
-and ``bias`` directly. The base layer's ``forward`` is never called and its tensors are never
-written.
+dropout probability, dtypes); the math is :mod:`aqlm_lora.functional` (``aqlm_lora_linear``,
+``aqlm_linear``, ``lora_delta``), which reads the base layer's ``codes``, ``codebooks``,
+``scales`` and ``bias`` directly. The base layer's ``forward`` is never called and its tensors
+are never written.
 
 Behaviour worth knowing:
 
@@ -40,7 +40,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
-from .. import ops
+from .. import functional
 from .fused_base import canonical_codes
 
 __all__ = ["AqlmLoraLinear", "canonical_codes"]
@@ -207,24 +207,20 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         base = self.get_base_layer()
         codes, codebooks, scales, bias = canonical_codes(base), base.codebooks, base.scales, base.bias
         if not names:
-            return ops.aqlm_linear(x, codes, codebooks, scales, bias)
+            return functional.aqlm_linear(x, codes, codebooks, scales, bias)
         training = self.training
         groups: dict[float, list[str]] = {}
         for name in names:
             groups.setdefault(self._dropout_p(name, training), []).append(name)
         (first, *rest) = groups.values()
         weight_A, weight_B, lora_bias, scaling, dropout_p = self._adapter_terms(first, training)
-        out = ops.aqlm_lora_linear(
+        out = functional.aqlm_lora_linear(
             x, codes, codebooks, scales, bias, weight_A, weight_B, scaling, dropout_p, lora_bias, training=training
         )
         for group in rest:  # only while training with adapters of different dropout probabilities
             weight_A, weight_B, lora_bias, scaling, dropout_p = self._adapter_terms(group, training)
-            keep = ops.dropout_mask(x, dropout_p, ops.draw_seed())
-            xd = x.to(weight_A.dtype) * keep.to(weight_A.dtype) / (1.0 - dropout_p)
-            delta = (xd @ weight_A.T) @ weight_B.T
-            if lora_bias is not None:
-                delta = delta + lora_bias
-            out = out + (delta * scaling).to(out.dtype)
+            delta = functional.lora_delta(x, weight_A, weight_B, scaling, dropout_p, lora_bias)
+            out = out + delta.to(out.dtype)
         return out
 
     @staticmethod

@@ -1,0 +1,91 @@
+"""The differentiable entry points: the base AQLM layer, and AQLM + LoRA fused in one call.
+
+Built from the ops in :mod:`aqlm_lora.ops` (whose autograd formulas are registered there), plus the
+LoRA term alone for the rare case of a second dropout probability in one layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .reference import dropout_scaled
+
+
+def _refuse_weight_grad(codebooks: Tensor, scales: Tensor) -> None:
+    if torch.is_grad_enabled() and (codebooks.requires_grad or scales.requires_grad):
+        raise ValueError(
+            "aqlm_lora: gradients w.r.t. codebooks or scales are not supported; freeze them with "
+            "requires_grad_(False) (PEFT does this for base layers)"
+        )
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def aqlm_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Differentiable base AQLM layer ``x @ W^T + bias`` (gradients to ``x`` and ``bias``)."""
+    _refuse_weight_grad(codebooks, scales)
+    return ops.aqlm_gemm(x, codes, codebooks, scales, bias)
+
+
+def aqlm_lora_linear(
+    x: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    lora_bias: Optional[Tensor] = None,
+    training: bool = True,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> Tensor:
+    """AQLM layer plus LoRA in one fused, differentiable call.
+
+    ``y = x W^T + bias + scaling * (dropout(x) A^T) B^T + scaling * lora_bias``. Dropout applies
+    only when ``training`` and ``dropout_p > 0``; its seed is drawn with :func:`draw_seed` unless
+    given. Gradients flow to ``x``, ``bias``, ``lora_A``, ``lora_B`` and ``lora_bias``; the backward
+    saves only ``x`` and ``xa = dropout(x) A^T`` ([N, r]).
+    """
+    _refuse_weight_grad(codebooks, scales)
+    p = float(dropout_p) if training else 0.0
+    if p != 0.0 and seed is None:
+        seed = draw_seed()
+    out, _ = ops.lora_forward(
+        x, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed or 0, offset
+    )
+    return out
+
+
+def lora_delta(
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    lora_bias: Optional[Tensor] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> Tensor:
+    """The LoRA term alone, ``scaling * ((dropout(x) A^T) B^T + lora_bias)``, in ``lora_A``'s dtype.
+
+    For adapters that cannot share the fused call (a second dropout probability in one layer
+    while training). The mask is the ops' Philox mask; the matmuls are plain torch ones.
+    """
+    xd = x.to(lora_A.dtype)
+    if dropout_p != 0.0:
+        keep = ops.dropout_mask(x, dropout_p, draw_seed() if seed is None else seed, offset)
+        xd = dropout_scaled(xd, keep, dropout_p)
+    delta = (xd @ lora_A.T) @ lora_B.T
+    if lora_bias is not None:
+        delta = delta + lora_bias
+    return delta * scaling
