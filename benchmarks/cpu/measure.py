@@ -1,6 +1,6 @@
-"""Shared helpers for the CPU benchmarks: deterministic AQLM weights, timing, peak memory, machine info.
+"""Measuring for the CPU benchmarks: deterministic weights and layers, references, timing, peak memory, machine info.
 
-Weights are generated from a seed derived from (shape, scheme) only, so a subprocess that rebuilds
+Weights are drawn from a generator seeded by (shape, scheme) only, so a subprocess that rebuilds
 them (to import numba with another ``NUMBA_NUM_THREADS``) gets bit-identical tensors; ``fingerprint``
 lets the caller check that.
 """
@@ -9,92 +9,95 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import platform
+import re
+import sys
+import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aqlm_lora.scheme import AqlmWeight, Scheme, random_weight
+
 LORA_RANK = 16
 LORA_ALPHA = 32  # scaling = alpha / r = 2: a scaling != 1 so a missing factor shows in the error columns
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """An AQLM scheme with ``in_group = 8``, ``out_group = 1``."""
-
-    num_codebooks: int
-    nbits: int
-    in_group: int = 8
-
-    @property
-    def id(self) -> str:
-        return f"{self.num_codebooks}x{self.nbits}"
-
-    @classmethod
-    def parse(cls, text: str) -> Scheme:
-        num_codebooks, nbits = text.lower().split("x")
-        return cls(int(num_codebooks), int(nbits))
-
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def first_sentence(err: BaseException) -> str:
+    line = (str(err).strip().splitlines() or [""])[0]
+    sentence = re.split(r"(?<=[^.]\.)\s", line, maxsplit=1)[0]  # not at an ellipsis ("out=... arguments")
+    return f"{type(err).__name__}: {sentence}"
+
+
+def shape_id(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights, inputs, layers
 
 
 @dataclass
 class Weights:
-    """One layer's AQLM tensors (codebooks/scales in float32) plus LoRA factors, and its fp32 dense weight."""
+    """One layer's AQLM weight (codebooks/scales in float32) and its LoRA factors (float32)."""
 
-    out_features: int
-    in_features: int
-    scheme: Scheme
-    codes: Tensor  # [out, in/8, C] int8/int16
-    codebooks: Tensor  # [C, 2**nbits, 1, 8] fp32
-    scales: Tensor  # [out, 1, 1, 1] fp32
-    lora_A: Tensor  # [r, in] fp32
-    lora_B: Tensor  # [out, r] fp32
+    base: AqlmWeight
+    lora_A: Tensor  # [r, in]
+    lora_B: Tensor  # [out, r]
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.base.scheme
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
 
     @property
     def scaling(self) -> float:
         return LORA_ALPHA / LORA_RANK
 
-    def codebooks_as(self, dtype: torch.dtype) -> Tensor:
-        return self.codebooks.to(dtype)
-
-    def scales_as(self, dtype: torch.dtype) -> Tensor:
-        return self.scales.to(dtype)
+    def args_as(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``(codes, codebooks, scales)`` with codebooks and scales rounded to ``dtype``."""
+        return self.base.codes, self.base.codebooks.to(dtype), self.base.scales.to(dtype)
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         """The dequantized weight computed in fp32 from the ``dtype``-rounded codebooks/scales (aqlm's oracle)."""
         from aqlm.utils import _dequantize_weight, unpack_int_data
 
-        codebooks = self.codebooks_as(dtype).float()
-        scales = self.scales_as(dtype).float()
-        return _dequantize_weight(unpack_int_data(self.codes, self.scheme.nbits), codebooks, scales)
+        codes, codebooks, scales = self.args_as(dtype)
+        return _dequantize_weight(unpack_int_data(codes, self.scheme.nbits), codebooks.float(), scales.float())
 
     def fingerprint(self) -> str:
-        codes = self.codes.to(torch.int64)
-        parts = [codes.sum(), (codes * codes).sum(), self.codebooks.double().sum(), self.scales.double().sum()]
+        codes, codebooks, scales = self.base.codes.to(torch.int64), self.base.codebooks, self.base.scales
+        parts = [codes.sum(), (codes * codes).sum(), codebooks.double().sum(), scales.double().sum()]
         parts += [self.lora_A.double().sum(), self.lora_B.double().sum()]
         return ",".join(f"{float(p):.10g}" for p in parts)
 
 
 def make_weights(out_features: int, in_features: int, scheme: Scheme) -> Weights:
-    """Codes uniform over the whole int8/int16 range, codebooks randn/sqrt(8), scales rand+0.5, LoRA randn."""
-    seed = zlib.crc32(f"{out_features}x{in_features}-{scheme.id}".encode())
+    """``random_weight`` of the scheme, then LoRA factors (A randn/sqrt(in), B small), from one seeded generator."""
+    seed = zlib.crc32(f"{out_features}x{in_features}-{scheme}".encode())
     g = torch.Generator().manual_seed(seed)
-    code_dtype = torch.int8 if scheme.nbits <= 8 else torch.int16
-    info = torch.iinfo(code_dtype)
-    num_in = in_features // scheme.in_group
-    codes = torch.randint(info.min, info.max + 1, (out_features, num_in, scheme.num_codebooks), generator=g)
-    codebooks = torch.randn(scheme.num_codebooks, 2**scheme.nbits, 1, scheme.in_group, generator=g)
-    codebooks /= math.sqrt(scheme.in_group)
-    scales = torch.rand(out_features, 1, 1, 1, generator=g) + 0.5
+    base = random_weight(scheme, out_features, in_features, generator=g)
     lora_A = torch.randn(LORA_RANK, in_features, generator=g) / math.sqrt(in_features)
     lora_B = torch.randn(out_features, LORA_RANK, generator=g) * (0.1 / math.sqrt(LORA_RANK))
-    return Weights(out_features, in_features, scheme, codes.to(code_dtype), codebooks, scales, lora_A, lora_B)
+    return Weights(base, lora_A, lora_B)
 
 
 def make_input(n: int, in_features: int, dtype: torch.dtype, seed: int = 1234) -> Tensor:
@@ -102,25 +105,32 @@ def make_input(n: int, in_features: int, dtype: torch.dtype, seed: int = 1234) -
     return torch.randn(n, in_features, generator=g).to(dtype)
 
 
-def make_aqlm_layer(w: Weights, dtype: torch.dtype):
+def make_aqlm_layer(weight: AqlmWeight, dtype: torch.dtype):
     """An ``aqlm.QuantizedLinear`` holding its own clone of the codes (aqlm permutes them in place on CPU)."""
     import aqlm
 
+    scheme = weight.scheme
     layer = aqlm.QuantizedLinear(
-        w.in_features,
-        w.out_features,
-        in_group_size=w.scheme.in_group,
-        out_group_size=1,
-        num_codebooks=w.scheme.num_codebooks,
-        nbits_per_codebook=w.scheme.nbits,
+        weight.in_features,
+        weight.out_features,
+        in_group_size=scheme.in_group_size,
+        out_group_size=scheme.out_group_size,
+        num_codebooks=scheme.num_codebooks,
+        nbits_per_codebook=scheme.nbits,
         bias=False,
         dtype=dtype,
     )
     with torch.no_grad():
-        layer.codes.data = w.codes.clone()
-        layer.codebooks.copy_(w.codebooks)
-        layer.scales.copy_(w.scales)
+        layer.codes.data = weight.codes.clone()
+        layer.codebooks.copy_(weight.codebooks)
+        layer.scales.copy_(weight.scales)
     return layer
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0)
 
 
 def set_lora_weights(layer, w: Weights, requires_grad: bool) -> None:
@@ -132,10 +142,26 @@ def set_lora_weights(layer, w: Weights, requires_grad: bool) -> None:
     layer.lora_B["default"].weight.requires_grad_(requires_grad)
 
 
-def lora_config():
-    from peft import LoraConfig
+def lora_layer(layer_class, base, w: Weights, requires_grad: bool):
+    """A PEFT-style LoRA layer of ``layer_class`` on ``base`` with ``w``'s factors in its default adapter."""
+    layer = layer_class(base, "default", config=lora_config(), r=LORA_RANK, lora_alpha=LORA_ALPHA)
+    set_lora_weights(layer, w, requires_grad)
+    return layer
 
-    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0)
+
+def dense_peft_layer(dense: Tensor, w: Weights, requires_grad: bool):
+    """PEFT's dense ``lora.Linear`` on an ``nn.Linear`` holding ``dense`` (frozen)."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    base = torch.nn.Linear(w.in_features, w.out_features, bias=False, dtype=dense.dtype)
+    with torch.no_grad():
+        base.weight.copy_(dense)
+    base.weight.requires_grad_(False)
+    return lora_layer(PeftLinear, base, w, requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# References and training steps
 
 
 def reference(w: Weights, dense_fp32: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,9 +171,38 @@ def reference(w: Weights, dense_fp32: Tensor, x: Tensor) -> tuple[Tensor, Tensor
     return base, base + w.scaling * ((xf @ w.lora_A.T) @ w.lora_B.T)
 
 
+def ref_grads(w: Weights, dense_fp32: Tensor, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA, dB) of ``sum(g * (x W^T + s (x A^T) B^T))`` in fp32."""
+    gb = g @ w.lora_B
+    return g @ dense_fp32 + w.scaling * gb @ w.lora_A, w.scaling * gb.T @ x, w.scaling * g.T @ (x @ w.lora_A.T)
+
+
 def rel_err(out: Tensor, ref: Tensor) -> float:
     """max |out - ref| / max |ref|, in fp32."""
     return float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def training_step(layer, x: Tensor, g: Tensor):
+    """(timed, clear_grads, step, grads) for a LoRA layer whose default adapter trains."""
+    params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+    def clear():
+        for t in params:
+            t.grad = None
+
+    def step():
+        y = layer(x)
+        y.backward(g)
+
+    def timed():
+        clear()
+        step()
+
+    return timed, clear, step, lambda: [t.grad for t in params]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
 
 
 def time_ms(fn: Callable[[], object], min_run_time: float, threads: int) -> tuple[float, float]:
@@ -204,43 +259,30 @@ def peak_memory_bytes(step: Callable[[], object]) -> int:
     return peak
 
 
-def cpu_model() -> str:
+# ---------------------------------------------------------------------------------------------
+# Machine
+
+
+def _cpuinfo_line(prefix: str) -> str:
+    """The value of the first ``/proc/cpuinfo`` line starting with ``prefix`` ("" when there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(prefix):
                     return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16"]
-                    return " ".join(flag for flag in wanted if flag in flags)
     except OSError:
         pass
     return ""
 
 
-def machine_info(threads: int) -> dict[str, str]:
-    import os
+def cpu_model() -> str:
+    return _cpuinfo_line("model name") or platform.processor() or "unknown"
 
-    return {
-        "cpu": cpu_model(),
-        "cpu flags": cpu_flags(),
-        "logical CPUs": str(os.cpu_count()),
-        "torch threads": str(threads),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "load average (1/5/15 min) at start": load_average(),
-    }
+
+def cpu_flags() -> str:
+    flags = set(_cpuinfo_line("flags").split())
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16"]
+    return " ".join(flag for flag in wanted if flag in flags)
 
 
 def load_average() -> str:
@@ -252,15 +294,14 @@ def load_average() -> str:
         return "unknown"
 
 
-def fmt_ms(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
-
-
-def fmt_err(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.1e}"
-
-
-def fmt_bytes(value: Optional[int]) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+def machine_info(threads: int) -> dict[str, str]:
+    return {
+        "cpu": cpu_model(),
+        "cpu flags": cpu_flags(),
+        "logical CPUs": str(os.cpu_count()),
+        "torch threads": str(threads),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "load average (1/5/15 min) at start": load_average(),
+    }
