@@ -27,9 +27,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import measure
+
 MIN_STEPS = 5  # timed steps per model even past --max-seconds
 SETTINGS = [
     ("1 thread", 1, {}),
@@ -58,10 +58,8 @@ def _models():
     from torch import nn
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(HERE))
-    import measure as bc
-
     import aqlm_lora
+    from aqlm_lora.scheme import Scheme
 
     config = LlamaConfig(
         vocab_size=256,
@@ -77,9 +75,9 @@ def _models():
     quantized.load_state_dict(dense.state_dict())
     for name, module in list(quantized.named_modules()):
         if isinstance(module, nn.Linear) and name != "lm_head":  # random codes: the time is what counts
-            weights = bc.make_weights(module.out_features, module.in_features, bc.Scheme(2, 8))
-            quantized.set_submodule(name, bc.make_aqlm_layer(weights, torch.float32))
-    lora = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+            weights = measure.make_weights(module.out_features, module.in_features, Scheme(2, 8))
+            quantized.set_submodule(name, measure.make_aqlm_layer(weights.base, torch.float32))
+    lora = dict(r=measure.LORA_RANK, lora_alpha=measure.LORA_ALPHA, lora_dropout=0.05, target_modules="all-linear")
     return {
         "aqlm_lora": get_peft_model(quantized, aqlm_lora.register(LoraConfig(**lora))),
         "dense PEFT": get_peft_model(dense, LoraConfig(**lora)),
@@ -142,8 +140,7 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(worker(int(args.worker), args.steps, args.max_seconds)))
         return
-    load_average = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"{os.cpu_count()} logical CPUs; load average (1/5/15 min) at start {load_average}", flush=True)
+    print(f"{os.cpu_count()} logical CPUs; load average (1/5/15 min) at start {measure.load_average()}", flush=True)
     for load in (0, args.load):
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
         try:
