@@ -30,18 +30,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
-import importlib.util
 import math
 import statistics
 import sys
 import time
-import types
+import zlib
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:  # imported in main: `--help` and the no-GPU exit need neither the extension nor the package
+    from aqlm_lora.scheme import AqlmWeight, Scheme
 
 LORA_RANK = 16
 LORA_SCALING = 2.0
@@ -53,28 +55,6 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - START:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def import_ops():
-    """``aqlm_lora.ops``. The package ``__init__`` also imports the PEFT layer (peft, aqlm); where those
-    are missing, use ``aqlm_lora.ops`` alone (it only needs torch and the ``_C`` library)."""
-    try:
-        from aqlm_lora import ops
-
-        return ops
-    except ImportError as err:
-        log(f"import aqlm_lora failed ({err}); using aqlm_lora.ops alone")
-        # __init__ imports ops first, so it is usually complete already; importing it twice would
-        # register its fake kernels twice.
-        if "aqlm_lora.ops" in sys.modules:
-            return sys.modules["aqlm_lora.ops"]
-        spec = importlib.util.find_spec("aqlm_lora")
-        if spec is None or not spec.submodule_search_locations:
-            raise
-        pkg = types.ModuleType("aqlm_lora")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["aqlm_lora"] = pkg
-        return importlib.import_module("aqlm_lora.ops")
-
-
 def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
@@ -84,30 +64,26 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(out_features), int(in_features)
 
 
-def parse_scheme(text: str) -> tuple[int, int]:
-    num_codebooks, nbits = text.lower().split("x")
-    return int(num_codebooks), int(nbits)
+def make_weight(
+    out_features: int, in_features: int, scheme: Scheme, device: torch.device
+) -> tuple[AqlmWeight, Tensor, Tensor]:
+    """A random fp16 AQLM weight (``aqlm_lora.scheme.random_weight``) and fp16 LoRA factors of rank 16.
 
+    One generator, seeded from (shape, scheme), draws the weight and then the factors."""
+    from aqlm_lora.scheme import random_weight
 
-def make_weight(out_features: int, in_features: int, scheme: tuple[int, int], device: torch.device):
-    """Random AQLM tensors (in_group 8, out_group 1), fp16, plus fp16 LoRA factors of rank 16."""
-    num_codebooks, nbits = scheme
-    g = torch.Generator(device="cpu").manual_seed(out_features * 31 + in_features * 7 + num_codebooks * 3 + nbits)
-    code_dtype = torch.int8 if nbits <= 8 else torch.int16
-    info = torch.iinfo(code_dtype)
-    codes = torch.randint(info.min, info.max + 1, (out_features, in_features // 8, num_codebooks), generator=g)
-    codebooks = torch.randn(num_codebooks, 2**nbits, 1, 8, generator=g) / math.sqrt(8 * num_codebooks)
-    scales = torch.rand(out_features, 1, 1, 1, generator=g) + 0.5
+    g = torch.Generator().manual_seed(zlib.crc32(f"{out_features}x{in_features}-{scheme}".encode()))
+    weight = random_weight(scheme, out_features, in_features, torch.float16, device, generator=g)
     lora_A = torch.randn(LORA_RANK, in_features, generator=g) / math.sqrt(in_features)
     lora_B = torch.randn(out_features, LORA_RANK, generator=g) * (0.1 / math.sqrt(LORA_RANK))
     half = dict(device=device, dtype=torch.float16)
-    return (
-        codes.to(code_dtype).to(device),
-        codebooks.to(**half),
-        scales.to(**half),
-        lora_A.to(**half),
-        lora_B.to(**half),
-    )
+    return weight, lora_A.to(**half), lora_B.to(**half)
+
+
+def scheme_title(scheme: Scheme) -> str:
+    """``2x8 g8``, ``2x8 g8 o2``: the groups spelled out, as the table shows them."""
+    text = f"{scheme.num_codebooks}x{scheme.nbits} g{scheme.in_group_size}"
+    return text + (f" o{scheme.out_group_size}" if scheme.out_group_size != 1 else "")
 
 
 def time_us(fn: Callable[[], object], budget_s: float) -> float:
@@ -134,25 +110,26 @@ def time_us(fn: Callable[[], object], budget_s: float) -> float:
     return statistics.median(times) * 1e3
 
 
-def make_aqlm_layer(codes, codebooks, scales):
+def make_aqlm_layer(weight: AqlmWeight):
+    """A frozen fp16 ``aqlm.QuantizedLinear`` holding its own clone of ``weight``'s codes."""
     import aqlm
 
-    num_codebooks, codebook_size = codebooks.shape[:2]
+    scheme = weight.scheme
     layer = aqlm.QuantizedLinear(
-        codes.shape[1] * 8,
-        codes.shape[0],
-        in_group_size=8,
-        out_group_size=1,
-        num_codebooks=num_codebooks,
-        nbits_per_codebook=int(math.log2(codebook_size)),
+        weight.in_features,
+        weight.out_features,
+        in_group_size=scheme.in_group_size,
+        out_group_size=scheme.out_group_size,
+        num_codebooks=scheme.num_codebooks,
+        nbits_per_codebook=scheme.nbits,
         bias=False,
-        device=codes.device,
+        device=weight.codes.device,
         dtype=torch.float16,
     )
     with torch.no_grad():
-        layer.codes.data = codes.clone()
-        layer.codebooks.copy_(codebooks)
-        layer.scales.copy_(scales)
+        layer.codes.data = weight.codes.clone()
+        layer.codebooks.copy_(weight.codebooks)
+        layer.scales.copy_(weight.scales)
     layer.requires_grad_(False)
     return layer
 
@@ -197,9 +174,20 @@ def render(rows: list[list[str]], meta: list[str], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure_row(ops, weight, dense_w, aqlm_layer, n: int, budget: float, label: str, notes: list[str]) -> list[str]:
+def measure_row(
+    ops,
+    weight: AqlmWeight,
+    lora: tuple[Tensor, Tensor],
+    dense_w: Tensor,
+    aqlm_layer,
+    n: int,
+    budget: float,
+    label: str,
+    notes: list[str],
+) -> list[str]:
     """One table row: every column for N tokens on one weight."""
-    codes, codebooks, scales, lora_A, lora_B = weight
+    codes, codebooks, scales = weight.args()
+    lora_A, lora_B = lora
     out_features, in_features = dense_w.shape
     device = dense_w.device
     x = torch.randn(n, in_features, device=device, dtype=torch.float16)
@@ -241,7 +229,7 @@ def measure_row(ops, weight, dense_w, aqlm_layer, n: int, budget: float, label: 
     t_train_dense = time_us(step_dense, budget)
     return [
         f"{out_features}x{in_features}",
-        f"{codebooks.shape[0]}x{int(math.log2(codebooks.shape[1]))} g8",
+        scheme_title(weight.scheme),
         str(n),
         fmt_us(t_dense),
         fmt_us(t_ours),
@@ -261,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(HERE / "results" / "bench_cuda.md"), help="markdown file to write")
     p.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated OUTxIN")
-    p.add_argument("--schemes", default="1x16,2x8", help="comma-separated CxNBITS (in_group 8)")
+    p.add_argument("--schemes", default="1x16,2x8", help="comma-separated schemes CxB[g<in>][o<out>]")
     p.add_argument("--tokens", default="1,16,1024,4096", help="comma-separated token counts N")
     p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per cell")
     p.add_argument("--no-aqlm", action="store_true", help="skip the aqlm.QuantizedLinear column")
@@ -273,7 +261,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         return 0
 
-    ops = import_ops()
+    from aqlm_lora import ops  # torch and the built extension only (no aqlm, no peft)
+    from aqlm_lora.scheme import parse_scheme
+
     for op in ("aqlm_gemm", "lora_forward", "lora_backward", "aqlm_gemm_t"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aqlm_lora::{op}", "CUDA"):
             print(f"bench_cuda: aqlm_lora::{op} has no CUDA kernel: build the extension with CUDA first")
@@ -281,7 +271,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     device = torch.device("cuda")
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
-    schemes = [parse_scheme(s) for s in args.schemes.split(",")]
+    try:
+        schemes = [parse_scheme(s) for s in args.schemes.split(",")]
+    except ValueError as err:
+        p.error(str(err))
     tokens = [int(t) for t in args.tokens.split(",")]
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,9 +301,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         t0 = time.perf_counter()
         try:
             for scheme in schemes:
-                codes, codebooks, scales, _, _ = make_weight(256, 256, scheme, device)
+                weight, _, _ = make_weight(256, 256, scheme, device)
                 with torch.no_grad():
-                    make_aqlm_layer(codes, codebooks, scales)(torch.randn(1, 256, device=device, dtype=torch.float16))
+                    make_aqlm_layer(weight)(torch.randn(1, 256, device=device, dtype=torch.float16))
             torch.cuda.synchronize()
             log(f"aqlm kernels ready in {time.perf_counter() - t0:.1f}s")
         except Exception as err:  # noqa: BLE001
@@ -322,19 +315,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: list[list[str]] = []
     for out_features, in_features in shapes:
         for scheme in schemes:
-            codes, codebooks, scales, lora_A, lora_B = make_weight(out_features, in_features, scheme, device)
+            weight, lora_A, lora_B = make_weight(out_features, in_features, scheme, device)
             with torch.no_grad():
-                dense_w = ops.dequantize(codes, codebooks, scales)  # [out, in] fp16
-            aqlm_layer = None
-            if aqlm_reason is None:
-                aqlm_layer = make_aqlm_layer(codes, codebooks, scales)
+                dense_w = ops.dequantize(*weight.args())  # [out, in] fp16
+            aqlm_layer = make_aqlm_layer(weight) if aqlm_reason is None else None
             for n in tokens:
-                label = f"{out_features}x{in_features} {scheme[0]}x{scheme[1]} N={n}"
+                label = f"{out_features}x{in_features} {scheme} N={n}"
                 log(label)
-                weight = (codes, codebooks, scales, lora_A, lora_B)
-                rows.append(measure_row(ops, weight, dense_w, aqlm_layer, n, args.budget, label, notes))
+                row = measure_row(ops, weight, (lora_A, lora_B), dense_w, aqlm_layer, n, args.budget, label, notes)
+                rows.append(row)
                 out_path.write_text(render(rows, meta, notes))
-            del dense_w, aqlm_layer
+            del weight, dense_w, aqlm_layer
             torch.cuda.empty_cache()
 
     text = render(rows, meta, notes)
