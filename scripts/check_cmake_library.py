@@ -8,7 +8,8 @@ import torch
 
 torch.ops.load_library(sys.argv[1])
 
-# reference.py alone, by path: importing the aqlm_lora package would load its own _C as well.
+# reference.py alone, by path: importing the aqlm_lora package would load its own _C too, and a second
+# TORCH_LIBRARY(aqlm_lora) next to the library under test aborts the process.
 path = pathlib.Path(__file__).resolve().parent.parent / "aqlm_lora" / "reference.py"
 spec = importlib.util.spec_from_file_location("aqlm_lora_reference", path)
 ref = importlib.util.module_from_spec(spec)

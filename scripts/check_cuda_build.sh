@@ -7,11 +7,11 @@
 # - Builds from a temporary copy of the repository (tracked and untracked, not ignored files) with
 #   AQLM_LORA_USE_CUDA=1 (fail rather than skip CUDA), TORCH_CUDA_ARCH_LIST (default "8.0;9.0")
 #   and MAX_JOBS (default 2), installing the package into .venv-cuda with --no-deps.
-# - Checks registration from a directory outside the repository by loading the built _C library
-#   with torch.ops.load_library: importing the aqlm_lora package would also import its PEFT layer
-#   (peft, aqlm and their dependencies), which this compile-only check does not install.
+# - Checks registration with scripts/gpu/check_registration.py run from a directory outside the
+#   repository, so `import aqlm_lora` (torch only) loads the installed build, not the source tree's
+#   CPU one: every op the library's schemas declare must have a CUDA kernel.
 # - When CUDA_HOME lacks the cuSPARSE/cuBLAS headers that ATen/cuda/CUDAContext.h includes, the
-#   ones shipped in torch's nvidia-* wheels are put on CPATH.
+#   ones shipped in torch's nvidia-* wheels are put on CPATH (scripts/gpu/build_paths.py).
 # Exits non-zero when the venv, the build, or the registration of any op fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,6 @@ VENV=$ROOT/.venv-cuda
 TORCH_SPEC=${AQLM_LORA_CUDA_TORCH:-torch==2.14.1}
 ARCHS=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 JOBS=${MAX_JOBS:-2}
-OPS="dequantize aqlm_gemm aqlm_gemm_t dropout_mask lora_forward lora_backward"
 
 say() { echo "check_cuda_build: $*"; }
 
@@ -45,22 +44,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 say "installing $TORCH_SPEC numpy ninja setuptools wheel into $VENV (large the first time)"
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" numpy ninja setuptools wheel
-"$VENV/bin/python" - <<'EOF'
-import torch
-assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"
-print(f"check_cuda_build: torch {torch.__version__}, CUDA {torch.version.cuda}")
-EOF
+"$VENV/bin/python" scripts/gpu/probe_device.py --device cpu --cuda-build
 
 # ---- headers torch's CUDA headers need but a minimal toolkit may lack
 if [ ! -f "$CUDA_HOME/include/cusparse.h" ] || [ ! -f "$CUDA_HOME/include/cublas_v2.h" ]; then
-  extra_inc=$("$VENV/bin/python" - <<'EOF'
-import glob, os, sysconfig
-root = os.path.join(sysconfig.get_paths()["purelib"], "nvidia")
-dirs = sorted({os.path.dirname(p) for h in ("cusparse.h", "cublas_v2.h", "cusolverDn.h")
-               for p in glob.glob(os.path.join(root, "**", "include", h), recursive=True)})
-print(":".join(dirs))
-EOF
-)
+  extra_inc=$("$VENV/bin/python" scripts/gpu/build_paths.py cuda-includes)
   if [ -n "$extra_inc" ]; then
     say "CUDA_HOME lacks cuSPARSE/cuBLAS headers; using torch's wheels: $extra_inc"
     export CPATH="${extra_inc}${CPATH:+:$CPATH}"
@@ -98,26 +86,5 @@ fi
 
 # ---- registration check, outside the repository
 cd "$WORK"
-OPS="$OPS" "$VENV/bin/python" - <<'EOF'
-import glob, importlib.util, os, sys
-import torch
-
-spec = importlib.util.find_spec("aqlm_lora")  # locates the installed package without importing it
-assert spec is not None and spec.submodule_search_locations, "aqlm_lora is not installed in .venv-cuda"
-pkg_dir = list(spec.submodule_search_locations)[0]
-libs = sorted(glob.glob(os.path.join(pkg_dir, "_C*.so")))
-assert libs, f"no _C library in {pkg_dir}"
-print(f"check_cuda_build: loading {libs[0]}")
-torch.ops.load_library(libs[0])
-missing = []
-for op in os.environ["OPS"].split():
-    name = f"aqlm_lora::{op}"
-    cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
-    cpu = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
-    print(f"check_cuda_build:   {name:26s} CUDA kernel: {'yes' if cuda else 'NO'}   CPU kernel: {'yes' if cpu else 'no'}")
-    if not cuda:
-        missing.append(name)
-if missing:
-    sys.exit(f"check_cuda_build: FAILED: no CUDA kernel for {', '.join(missing)}")
-print("check_cuda_build: ok, every op has a CUDA kernel")
-EOF
+"$VENV/bin/python" "$ROOT/scripts/gpu/check_registration.py" --device cuda
+say "ok: the CUDA build registers a CUDA kernel for every op"

@@ -5,21 +5,24 @@
 #
 # Usage, from anywhere (it works in the repository root):
 #   OUT=/some/dir bash scripts/gpu_check.sh        # everything lands in $OUT (default ./gpu_check_out)
+#   GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh # the dry run on a machine without a GPU (see Knobs)
 #
 # Steps, each under `timeout` with a cap taken from what is left of DEADLINE_S (default 460 s,
 # under 8 minutes with the kill grace), so the summary line is always written:
-#   0. preflight: python (PYTHON, else /opt/torch/.venv/bin/python3 when it exists, else python3;
-#      its bin/ and $CUDA_HOME/bin go first on PATH), torch, the GPU, nvcc, ninja (required: a
-#      serial build of the ~10 sources can pass the cap); aqlm from the wheel in .whl/ when
-#      `import aqlm` fails (see below);
+#   0. preflight: python (PYTHON, else the first of /opt/torch/.venv/bin/python3, ./.venv/bin/python
+#      and python3 that exists; its bin/ and $CUDA_HOME/bin go first on PATH), torch and the GPU
+#      (scripts/gpu/probe_device.py), nvcc, ninja (required: a serial build of the ~10 sources can
+#      pass the cap; scripts/gpu/build_paths.py finds the pip package's binary and torch's cuBLAS
+#      headers); aqlm from the wheel in .whl/ when `import aqlm` fails (see below);
 #   1. build the extension in place with its CUDA kernels (AQLM_LORA_USE_CUDA=1,
 #      TORCH_CUDA_ARCH_LIST from the GPU, MAX_JOBS = cores; `setup.py build_ext --inplace` needs no
 #      write access to site-packages) -> build.log;
-#   2. all six ops have CUDA kernels, `import aqlm_lora` works;
+#   2. scripts/gpu/check_registration.py: `import aqlm_lora` works and every op the library
+#      registers (its schemas, read back from the dispatcher) has a CUDA kernel;
 #   3. scripts/gpu_smoke.py: every op against aqlm_lora/reference.py (every GEMV variant, the
 #      shared-memory thresholds, a non-default stream, dropout indices past 2**31) -> smoke.log;
 #   4. the test suite's CUDA cases: the device-parametrized test files with -k "cuda or device_mix"
-#      -> pytest.log, pytest_junit.xml (--durations=25 in the log);
+#      -> pytest.log, pytest_junit.xml (--durations=25 in the log; scripts/gpu/junit_counts.py sums it);
 #   5. benchmarks/bench_cuda.py without aqlm, then with aqlm's JIT-compiled kernels when
 #      `import aqlm` works and time is left (that table replaces the first only if it completes)
 #      -> bench_cuda.md, bench.log. The benchmark never fails the check.
@@ -36,9 +39,11 @@
 # and puts <tmp dir> on PYTHONPATH. Without it the tests that need aqlm are skipped, not failed.
 #
 # Knobs (defaults are for the GPU box): PYTHON, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST,
-# DEADLINE_S, GPU_CHECK_DEVICE=cpu with GPU_CHECK_SKIP_BUILD=1 (a dry run of the whole flow on the
-# CPU kernels of an existing build, used by tests/test_gpu_smoke.py), GPU_CHECK_PYTEST_FILES,
-# GPU_CHECK_PYTEST_K, GPU_CHECK_SMOKE_ARGS.
+# DEADLINE_S, GPU_CHECK_SKIP_BUILD, GPU_CHECK_PYTEST_FILES, GPU_CHECK_PYTEST_K, GPU_CHECK_SMOKE_ARGS.
+# GPU_CHECK_DEVICE=cpu is a dry run of the whole flow on the CPU kernels of the existing in-place
+# build (tests/test_gpu_smoke.py runs it): it never rebuilds (GPU_CHECK_SKIP_BUILD defaults to 1, as
+# other work may be using that library), and the smoke test and pytest run a CPU-sized subset
+# (GPU_CHECK_SMOKE_ARGS="" asks for the whole smoke test).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -50,7 +55,14 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 T0=$(date +%s)
 DEADLINE_S=${DEADLINE_S:-460}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-SKIP_BUILD=${GPU_CHECK_SKIP_BUILD:-0}
+if [ "$DEVICE" = cpu ]; then
+  SKIP_BUILD=${GPU_CHECK_SKIP_BUILD:-1}
+  cpu_smoke_args="--quick --tokens 1"  # CPU-sized: no 4096x4096 shapes, one token count
+  SMOKE_ARGS=${GPU_CHECK_SMOKE_ARGS-$cpu_smoke_args}
+else
+  SKIP_BUILD=${GPU_CHECK_SKIP_BUILD:-0}
+  SMOKE_ARGS=${GPU_CHECK_SMOKE_ARGS-}
+fi
 say() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( DEADLINE_S - ($(date +%s) - T0) )); }
 # cap WANT [RESERVE]: WANT seconds, or what is left before the deadline minus RESERVE (kept for
@@ -85,6 +97,8 @@ if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
 elif [ -x /opt/torch/.venv/bin/python3 ]; then
   PY=/opt/torch/.venv/bin/python3
+elif [ -x "$ROOT/.venv/bin/python" ]; then
+  PY=$ROOT/.venv/bin/python
 else
   PY=$(command -v python3 || command -v python || echo python3)
 fi
@@ -100,20 +114,8 @@ say "device: $DEVICE, deadline ${DEADLINE_S}s, out: $OUT"
 say "python: $PY ($("$PY" --version 2>&1))"
 timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>/dev/null ||
   say "nvidia-smi not available"
-if ! ARCH_FOUND=$(DEVICE=$DEVICE timeout -k 5 "$(cap 90)" "$PY" - <<'EOF'
-import os, sys
-import torch
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()}", file=sys.stderr)
-if os.environ["DEVICE"] == "cuda":
-    if not torch.cuda.is_available():
-        sys.exit("torch.cuda.is_available() is False: no usable GPU for this torch")
-    p = torch.cuda.get_device_properties(0)
-    print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-          f"{p.total_memory / 2**30:.0f} GiB", file=sys.stderr)
-    print(f"{p.major}.{p.minor}")
-EOF
-); then
-  fail preflight "torch cannot use the GPU (see above)"
+if ! ARCH_FOUND=$(timeout -k 5 "$(cap 90)" "$PY" scripts/gpu/probe_device.py --device "$DEVICE"); then
+  fail preflight "torch cannot use the $DEVICE device (see above)"
   exit 1
 fi
 ARCH=${TORCH_CUDA_ARCH_LIST:-${ARCH_FOUND:-9.0}}
@@ -122,7 +124,7 @@ if [ "$SKIP_BUILD" != 1 ]; then
   say "nvcc: $(nvcc --version 2>/dev/null | tail -n 2 | head -n 1 || echo 'NOT FOUND')"
   if ! command -v ninja >/dev/null 2>&1; then
     # pip's ninja package puts the binary in its own folder; use it when the module is there.
-    NINJA_DIR=$("$PY" -c "import ninja, os; print(getattr(ninja, 'BIN_DIR', os.path.join(os.path.dirname(ninja.__file__), 'data', 'bin')))" 2>/dev/null)
+    NINJA_DIR=$("$PY" scripts/gpu/build_paths.py ninja-dir 2>/dev/null)
     [ -n "$NINJA_DIR" ] && [ -x "$NINJA_DIR/ninja" ] && export PATH="$NINJA_DIR:$PATH"
   fi
   if ! command -v ninja >/dev/null 2>&1; then
@@ -132,14 +134,7 @@ if [ "$SKIP_BUILD" != 1 ]; then
   say "ninja: $(command -v ninja) ($(ninja --version)), MAX_JOBS=$JOBS, TORCH_CUDA_ARCH_LIST=$ARCH"
   # ATen/cuda/CUDAContext.h includes the cuSPARSE/cuBLAS headers; a minimal toolkit lacks them.
   if [ ! -f "$CUDA_HOME/include/cusparse.h" ] || [ ! -f "$CUDA_HOME/include/cublas_v2.h" ]; then
-    extra_inc=$("$PY" - <<'EOF'
-import glob, os, site, sysconfig
-roots = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
-dirs = sorted({os.path.dirname(p) for r in roots for h in ("cusparse.h", "cublas_v2.h", "cusolverDn.h")
-               for p in glob.glob(os.path.join(r, "nvidia", "**", "include", h), recursive=True)})
-print(":".join(dirs))
-EOF
-)
+    extra_inc=$("$PY" scripts/gpu/build_paths.py cuda-includes)
     if [ -n "$extra_inc" ]; then
       say "CUDA_HOME lacks cuSPARSE/cuBLAS headers; adding torch's wheel headers to CPATH: $extra_inc"
       export CPATH="${extra_inc}${CPATH:+:$CPATH}"
@@ -158,8 +153,7 @@ else
     if ! timeout -k 5 "$(cap 60)" "$PY" -m pip install -q --no-index --no-deps --target "$DEPS" "${wheels[@]}" \
         >"$OUT/pip.log" 2>&1; then
       say "pip failed (see pip.log); unpacking the wheel instead (aqlm is pure Python)"
-      "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
-        "$DEPS" "${wheels[@]}" >>"$OUT/pip.log" 2>&1
+      "$PY" scripts/gpu/unpack_wheels.py "$DEPS" "${wheels[@]}" >>"$OUT/pip.log" 2>&1
     fi
     export PYTHONPATH="$PYTHONPATH:$DEPS"
     if "$PY" -c "import aqlm" >>"$OUT/pip.log" 2>&1; then
@@ -197,26 +191,16 @@ fi
 
 # ---- 2. registration ----------------------------------------------------------------------------
 say "2. registration"
-if ! DEVICE=$DEVICE timeout -k 5 "$(cap 60)" "$PY" - <<'EOF'
-import os, sys
-import torch
-import aqlm_lora  # the lean import: torch and the extension only
-key = "CUDA" if os.environ["DEVICE"] == "cuda" else "CPU"
-ops = ["dequantize", "aqlm_gemm", "aqlm_gemm_t", "dropout_mask", "lora_forward", "lora_backward"]
-missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aqlm_lora::{o}", key)]
-print(f"{key} kernels:", ", ".join(o for o in ops if o not in missing) or "none", f"({aqlm_lora.ops._C.__file__})")
-if missing:
-    sys.exit(f"missing {key} kernels: {missing}")
-EOF
-then
+# Every op the library's schemas declare, read back from the dispatcher (no list to keep in sync).
+if ! timeout -k 5 "$(cap 60)" "$PY" scripts/gpu/check_registration.py --device "$DEVICE"; then
   fail registration
   exit 1
 fi
 
 # ---- 3. smoke test ------------------------------------------------------------------------------
-say "3. smoke test: scripts/gpu_smoke.py --device $DEVICE ${GPU_CHECK_SMOKE_ARGS:-} (log: smoke.log)"
-# shellcheck disable=SC2086  # GPU_CHECK_SMOKE_ARGS is a list of words
-timeout -k 10 "$(cap 150 120)" "$PY" scripts/gpu_smoke.py --device "$DEVICE" ${GPU_CHECK_SMOKE_ARGS:-} \
+say "3. smoke test: scripts/gpu_smoke.py --device $DEVICE $SMOKE_ARGS (log: smoke.log)"
+# shellcheck disable=SC2086  # SMOKE_ARGS is a list of words
+timeout -k 10 "$(cap 150 120)" "$PY" scripts/gpu_smoke.py --device "$DEVICE" $SMOKE_ARGS \
   >"$OUT/smoke.log" 2>&1
 rc=$?
 last=$(grep -E "^gpu_smoke: [0-9]+ checks" "$OUT/smoke.log" | tail -n 1)
@@ -247,15 +231,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     --maxfail=100 --durations=25 --junitxml="$OUT/pytest_junit.xml" -o junit_family=xunit1 >"$OUT/pytest.log" 2>&1
   rc=$?
   tail -n 12 "$OUT/pytest.log"
-  counts=$("$PY" - "$OUT/pytest_junit.xml" <<'EOF' 2>/dev/null
-import sys, xml.etree.ElementTree as ET
-root = ET.parse(sys.argv[1]).getroot()
-suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
-n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
-print(f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped")
-EOF
-)
+  counts=$("$PY" scripts/gpu/junit_counts.py "$OUT/pytest_junit.xml" 2>/dev/null)
   S_PYTEST=${counts:-"no junit xml"}
   case $rc in
     0) say "pytest ok: $S_PYTEST" ;;
