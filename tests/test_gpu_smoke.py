@@ -1,13 +1,16 @@
-"""scripts/gpu_smoke.py and scripts/gpu_check.sh, exercised without a GPU: the smoke test's
-comparisons on the CPU kernels (its CUDA-only sections with the CUDA calls mocked), that it
-catches wrong results, which GEMV branches its schemes reach, and a dry run of the whole check
+"""scripts/gpu_smoke.py, scripts/gpu/ and scripts/gpu_check.sh, exercised without a GPU: the smoke
+test's comparisons on the CPU kernels (its CUDA-only sections with the CUDA calls mocked), that it
+catches wrong results, which GEMV branches its schemes reach, that the op list comes from the
+library's registration (a registered op without a kernel fails), and a dry run of the whole check
 script on the CPU (no build, the existing in-place library)."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import types
@@ -16,11 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from aqlm_lora.scheme import Scheme
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
 def _load_smoke():
+    """gpu_smoke.py by path (scripts/ is no package); running it puts scripts/gpu/ on sys.path."""
     spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "scripts" / "gpu_smoke.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -28,10 +34,15 @@ def _load_smoke():
 
 
 smoke = _load_smoke()
+cases = importlib.import_module("smoke_cases")
+checks = importlib.import_module("smoke_checks")
+big_index = importlib.import_module("smoke_big_index")
+registry = importlib.import_module("op_registry")
+check_registration = importlib.import_module("check_registration")
 
 
-def _session(lines: list[str]):
-    return smoke.Smoke(torch.device("cpu"), lines.append)
+def _session(lines: list[str], ops=None):
+    return smoke.Smoke(torch.device("cpu"), lines.append, **({} if ops is None else {"ops": ops}))
 
 
 def test_smoke_passes_on_cpu():
@@ -60,14 +71,14 @@ def test_threshold_schemes_reach_every_gemv_branch(monkeypatch, optin):
     """For the device's opt-in shared memory the schemes include: 8-bit codebooks above the 48 KiB
     default (opt-in attribute), the largest that fit, 8-bit ones that must fall back to the global
     kernel, 16-bit ones (global), and the generic kernel."""
-    monkeypatch.setattr(smoke, "shared_memory_optin", lambda dev: optin)
     kinds = []
-    for C, nbits, og, ig, _, _ in smoke.decode_schemes(_session([])):
-        bytes_ = C * 2**nbits * og * 8 * 4
-        kinds.append((nbits, bytes_, smoke.expected_gemv_kernel(C, nbits, og, ig, optin)))
+    for scheme, _, _ in cases.decode_schemes(optin):
+        bytes_ = scheme.num_codebooks * 2**scheme.nbits * scheme.out_group_size * 8 * 4
+        assert cases.staged_codebook_bytes(scheme) == bytes_
+        kinds.append((scheme.nbits, bytes_, cases.expected_gemv_kernel(scheme, optin)))
     smem = [b for n, b, k in kinds if k == "gemv_ig8_smem_kernel"]
-    assert any(b > smoke.DEFAULT_SMEM for b in smem), "no scheme needs the opt-in attribute"
-    assert max(smem) > optin - smoke.BOOK_ROW_BYTES_8BIT, "the largest fitting codebooks are missing"
+    assert any(b > cases.DEFAULT_SMEM for b in smem), "no scheme needs the opt-in attribute"
+    assert max(smem) > optin - cases.BOOK_ROW_BYTES_8BIT, "the largest fitting codebooks are missing"
     assert any(n <= 8 and b > optin and k == "gemv_ig8_global_kernel" for n, b, k in kinds), "no 8-bit fallback"
     assert any(n == 16 and k == "gemv_ig8_global_kernel" for n, b, k in kinds)
     assert any(k == "gemv_generic_kernel" for _, _, k in kinds)
@@ -77,27 +88,119 @@ def test_gemv_branch_rule_matches_gemv_cu():
     """expected_gemv_kernel follows decode_gemv's choice in csrc/cuda/decode.cu."""
     src = (ROOT / "csrc" / "cuda" / "decode.cu").read_text()
     assert "d.num_codebooks * d.codebook_size * d.out_group * 8 * static_cast<int64_t>(sizeof(float))" in src
-    assert "smem_bytes <= static_cast<int64_t>(prop->sharedMemPerBlockOptin)" in src
-    assert "if (ig8 && d.nbits <= 8 && smem_fits)" in src
+    # Patterns rather than whole lines: the rule, not the code around it, is what is mirrored.
+    assert re.search(r"<= static_cast<int64_t>\(prop->sharedMemPerBlockOptin\)", src)
+    assert re.search(r"d\.nbits <= 8 && smem_fits", src)
+    assert re.search(r"d\.in_group [!=]= 8", src)
     assert "constexpr int64_t kDefaultSmem = 48 * 1024" in src
-    assert smoke.expected_gemv_kernel(8, 8, 1, 8, 232448) == "gemv_ig8_smem_kernel"
-    assert smoke.expected_gemv_kernel(2, 8, 16, 8, 232448) == "gemv_ig8_global_kernel"
-    assert smoke.expected_gemv_kernel(1, 16, 1, 8, 232448) == "gemv_ig8_global_kernel"
-    assert smoke.expected_gemv_kernel(1, 16, 1, 16, 232448) == "gemv_generic_kernel"
+    assert cases.expected_gemv_kernel(Scheme(8, 8), 232448) == "gemv_ig8_smem_kernel"
+    assert cases.expected_gemv_kernel(Scheme(2, 8, out_group_size=16), 232448) == "gemv_ig8_global_kernel"
+    assert cases.expected_gemv_kernel(Scheme(1, 16), 232448) == "gemv_ig8_global_kernel"
+    assert cases.expected_gemv_kernel(Scheme(1, 16, in_group_size=16), 232448) == "gemv_generic_kernel"
 
 
-def _corrupting_ops(monkeypatch, name, corrupt):
-    real = smoke.ops
-    fake = types.SimpleNamespace(**{k: getattr(real, k) for k in smoke.OPS})
+def test_op_list_is_the_schema_registration():
+    """The scripts' op list is what csrc/aqlm_lora.cpp declares, read back from the dispatcher."""
+    src = (ROOT / "csrc" / "aqlm_lora.cpp").read_text()
+    declared = re.findall(r'm\.def\(\s*"(\w+)\(', src)
+    assert len(declared) >= 6, declared
+    assert registry.registered_ops() == sorted(declared)
+    assert registry.missing_kernels("CPU") == []
+
+
+def test_registry_refuses_an_unloaded_library():
+    with pytest.raises(RuntimeError, match="not loaded"):
+        registry.missing_kernels("CPU", namespace="aqlm_lora_not_loaded")
+
+
+@pytest.fixture
+def op_without_cpu_kernel():
+    """An extra aqlm_lora op with a Meta kernel only, as a new op whose CPU kernel was forgotten."""
+    name = "gpu_smoke_test_extra"
+    lib = torch.library.Library("aqlm_lora", "FRAGMENT")
+    lib.define(f"{name}(Tensor x) -> Tensor")
+    lib.impl(name, lambda x: torch.empty_like(x), "Meta")
+    try:
+        yield name
+    finally:
+        lib._destroy()
+    assert name not in registry.registered_ops()
+
+
+def test_a_registered_op_without_a_kernel_fails_every_check(op_without_cpu_kernel, capsys):
+    name = op_without_cpu_kernel
+    assert name in registry.registered_ops()
+    assert registry.missing_kernels("CPU") == [name]
+    assert check_registration.main(["--device", "cpu"]) == 1
+    assert f"no CPU kernel for {name}" in capsys.readouterr().err
+    s = _session([])
+    assert not checks.check_registration(s) and s.failures == ["CPU kernels registered"]
+    s = _session([])
+    checks.check_coverage(s)  # no comparison for the new op either
+    assert s.failures == ["every registered op is compared"]
+
+
+def test_check_registration_script_passes_on_the_built_library(capsys):
+    assert check_registration.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"aqlm_lora::{op}" in out for op in registry.registered_ops()), out
+
+
+def test_smoke_weights_with_wider_code_storage_use_its_whole_range():
+    s = _session([])
+    codes, books, scales = s.weight("2x8", 6, 80, torch.float32, torch.int16)
+    assert codes.dtype == torch.int16 and codes.shape == (6, 10, 2)
+    assert int(codes.min()) < -128 or int(codes.max()) > 127  # read mod 2**8 by the kernels
+    assert books.shape == (2, 256, 1, 8) and scales.shape == (6, 1, 1, 1)
+
+
+def test_device_probe_and_build_paths(tmp_path, capsys):
+    probe = importlib.import_module("probe_device")
+    build_paths = importlib.import_module("build_paths")
+    assert probe.main(["--device", "cpu"]) == 0
+    assert probe.main(["--device", "cuda"]) == (0 if torch.cuda.is_available() else 1)
+    assert probe.main(["--device", "cpu", "--cuda-build"]) == (0 if torch.version.cuda else 1)
+    capsys.readouterr()
+    assert build_paths.main(["ninja-dir"]) == 0
+    found = capsys.readouterr().out.strip()
+    assert not found or (Path(found) / "ninja").is_file(), found
+    assert build_paths.main(["cuda-includes"]) == 0
+    for folder in filter(None, capsys.readouterr().out.strip().split(":")):
+        assert any((Path(folder) / h).is_file() for h in build_paths.CUDA_HEADERS), folder
+    assert build_paths.main(["nonsense"]) == 2
+
+
+def test_wheel_unpacking_and_junit_counts(tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("demo_pkg/__init__.py", "VALUE = 1\n")
+    dest = tmp_path / "deps"
+    assert importlib.import_module("unpack_wheels").main([str(dest), str(wheel)]) == 0
+    assert (dest / "demo_pkg" / "__init__.py").read_text() == "VALUE = 1\n"
+    xml = tmp_path / "junit.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="7" failures="1" errors="1" skipped="2"/>'
+        '<testsuite tests="3" failures="0" errors="0" skipped="0"/></testsuites>'
+    )
+    assert importlib.import_module("junit_counts").counts(str(xml)) == "6 passed, 1 failed, 1 errors, 2 skipped"
+
+
+def _corrupting_ops(name, corrupt):
+    """aqlm_lora.ops with op `name`'s output passed through `corrupt`."""
+    from aqlm_lora import ops as real
+
+    fake = types.SimpleNamespace(**{k: getattr(real, k) for k in registry.registered_ops()})
 
     def wrapped(*args, **kwargs):
         return corrupt(getattr(real, name)(*args, **kwargs))
 
     setattr(fake, name, wrapped)
-    monkeypatch.setattr(smoke, "ops", fake)
+    return fake
 
 
-def test_smoke_catches_a_wrong_mask_element_past_the_limit(monkeypatch):
+def test_smoke_catches_a_wrong_mask_element_past_the_limit():
     limit = 2**16
 
     def flip(mask):
@@ -106,20 +209,18 @@ def test_smoke_catches_a_wrong_mask_element_past_the_limit(monkeypatch):
             flat[limit + 5] = ~flat[limit + 5]
         return mask
 
-    _corrupting_ops(monkeypatch, "dropout_mask", flip)
     lines: list[str] = []
-    s = _session(lines)
-    smoke.check_big_mask(s, limit)
+    s = _session(lines, _corrupting_ops("dropout_mask", flip))
+    big_index.check_big_mask(s, limit)
     assert f"dropout_mask elements [{limit - 4096}, {limit + 4096}) of" in s.failures[0], s.failures
     for name in s.failures:  # only windows that hold the flipped element fail
         a, b = (int(v) for v in name.split("[")[1].split(")")[0].split(", "))
         assert a <= limit + 5 < b, name
 
 
-def test_smoke_catches_a_small_gemm_error(monkeypatch):
-    _corrupting_ops(monkeypatch, "aqlm_gemm", lambda y: y * 1.01)
-    s = _session([])
-    w = s.weight(2, 8, 1, 8, 6, 10, torch.float16)
+def test_smoke_catches_a_small_gemm_error():
+    s = _session([], _corrupting_ops("aqlm_gemm", lambda y: y * 1.01))
+    w = s.weight("2x8", 6, 80, torch.float16)
     s.run_case("corrupted", w, s.randn(3, 80, dtype=torch.float16), torch.float16)
     assert s.failures == ["aqlm_gemm corrupted"], s.failures
 
@@ -146,10 +247,10 @@ def test_stream_and_branch_sections_run_with_cuda_mocked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     lines: list[str] = []
     s = _session(lines)
-    smoke.check_streams(s)
+    checks.check_streams(s)
     assert not s.failures, s.failures
     assert s.checks == 4 * 9 * 2, s.checks
-    smoke.check_branches(s)  # no CUDA kernels to see here: warnings only, never failures
+    checks.check_branches(s)  # no CUDA kernels to see here: warnings only, never failures
     assert not s.failures, s.failures
 
 
@@ -167,7 +268,6 @@ def _dry_run(tmp_path, **env):
         "GPU_CHECK_DEVICE": "cpu",
         "GPU_CHECK_SKIP_BUILD": "1",
         "GPU_CHECK_PYTEST_FILES": "tests/ops/test_dropout.py",
-        "GPU_CHECK_SMOKE_ARGS": "--quick --tokens 1 --no-big",
         **env,
     }
     proc = subprocess.run(["bash", str(SCRIPT)], env=full_env, capture_output=True, text=True, timeout=600)
@@ -180,12 +280,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, log
     summary = (out / "summary.txt").read_text().strip()
     assert summary.startswith("gpu_check: PASSED in "), summary
-    assert "smoke " in summary and " checks, 0 failures" in summary, summary
+    assert "smoke " in summary and " checks, 0 failures, 0 warnings" in summary, summary  # the CPU default args
     assert "pytest 12 passed, 0 failed, 0 errors, 0 skipped" in summary, summary
     for name in ("gpu_check.log", "smoke.log", "pytest.log", "pytest_junit.xml"):
         assert (out / name).is_file(), name
     assert "--durations" not in summary and "slowest" in (out / "pytest.log").read_text()
-    assert (out / "gpu_check.log").read_text().strip().splitlines()[-1] == summary
+    log = (out / "gpu_check.log").read_text()
+    assert log.strip().splitlines()[-1] == summary
+    assert "ok: every one of the" in log and "aqlm_lora::lora_backward" in log  # the registration step
 
 
 def test_gpu_check_dry_run_reports_failures(tmp_path):
