@@ -24,7 +24,9 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from .train import PathLike, UserError, save_training
+from .errors import UserError
+from .files import PathLike
+from .train_state import save_training
 
 LATEST = "latest"
 STEP_PREFIX = "step-"

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import math
 import os
-import subprocess
 import sys
 import warnings
-from pathlib import Path
 from typing import Optional
 
-PROG = "aqlm-lora"
+from .errors import PROG
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,11 +87,6 @@ _COUNT = _int_in(0)
 _SEED = _int_in(_SEED_MIN, _SEED_MAX)
 _SEQ = _int_in(2)  # a window of 1 token has no next token to predict
 
-# Window length when --seq is not given (shorter if the model has fewer positions).
-DEFAULT_SEQ = 128
-DEFAULT_STEPS = 100
-DTYPE_CHOICES = ("float32", "bfloat16")
-
 
 def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
@@ -111,6 +105,8 @@ def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_seq_arg(p: argparse.ArgumentParser, what: str) -> None:
+    from .inputs import DEFAULT_SEQ
+
     p.add_argument(
         "--seq",
         type=_SEQ,
@@ -135,6 +131,8 @@ def _add_progress_args(p: argparse.ArgumentParser, unit: str, every: int) -> Non
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..quantize import SCHEME_GRAMMAR
+    from .cmd_finetune import DEFAULT_STEPS
+    from .models import DTYPE_CHOICES
 
     parser = _Parser(prog=PROG, description="Fast LoRA on AQLM-quantized models (PEFT drop-in).")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -262,445 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------------------------------
-# Commands
-
-
-def cmd_quantize(args) -> int:
-    import torch
-
-    from ..quantize import mean_errors, parse_scheme, quantize_model
-    from .data import has_tokenizer
-    from .tokenizer_files import copy_tokenizer_files
-    from .train import (
-        DTYPES,
-        UserError,
-        aqlm_layer_names,
-        check_input_dir,
-        check_output_dir,
-        config_dtype,
-        load_causal_lm,
-        load_model_config,
-        staged_dir,
-    )
-
-    try:
-        scheme = parse_scheme(args.scheme)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    model_dir = check_input_dir(args.model_dir, "model directory", must_contain="config.json")
-    out_dir = check_output_dir(args.out_dir, args.overwrite)
-    if out_dir.resolve() == model_dir.resolve():
-        raise UserError("OUT_DIR must differ from MODEL_DIR")
-    skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
-    # Quantize in float32 whatever the checkpoint holds; save in the dtype asked for, else the checkpoint's.
-    dtype = DTYPES[args.dtype] if args.dtype else config_dtype(load_model_config(model_dir)) or torch.float32
-    model = load_causal_lm(model_dir)
-    if aqlm_layer_names(model) or getattr(model.config, "quantization_config", None) is not None:
-        raise UserError(f"{model_dir} is already quantized; quantize a dense checkpoint")
-    torch.manual_seed(args.seed)
-    try:
-        errors = quantize_model(
-            model,
-            scheme,
-            skip=skip,
-            progress=not args.no_progress,
-            rounds=args.rounds,
-            kmeans_iters=args.kmeans_iters,
-            beam_size=args.beam,
-            seed=args.seed,
-        )
-    except ValueError as exc:
-        raise UserError(f"cannot quantize {model_dir}: {exc}") from None
-    model.to(dtype)  # codes stay integers
-    with staged_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp))
-        copied = copy_tokenizer_files(model_dir, tmp)
-    per_round = " -> ".join(f"{e:.4f}" for e in mean_errors(errors))
-    print(f"quantized {len(errors)} layers to AQLM {scheme} ({scheme.bits_per_weight:g} bits/weight in codes)")
-    print(f"relative weight error ||W - Wq|| / ||W||, mean over layers, per round: {per_round}")
-    print(
-        f"saved to {out_dir} ({str(dtype).removeprefix('torch.')}; copied {', '.join(copied) or 'no tokenizer files'})"
-    )
-    if not has_tokenizer(out_dir):
-        print(
-            f"note: {model_dir} has no tokenizer files; finetune and eval will need them in {out_dir}", file=sys.stderr
-        )
-    return 0
-
-
-def cmd_finetune(args) -> int:
-    from .checkpoint import default_checkpoint_dir
-    from .train import check_input_dir, check_input_file
-
-    model_dir = check_input_dir(args.model_dir, "model directory", must_contain="config.json")
-    data_path = check_input_file(args.data, "data file")
-    out_dir = Path(args.out)
-    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(out_dir)
-    resume_dir = _check_finetune_dirs(args, out_dir, checkpoint_dir)
-    tokenizer, data = _model_inputs(args, model_dir, data_path, extra_token=True)
-    job = _FinetuneJob(args, model_dir, data_path, out_dir, checkpoint_dir, data)
-    job.load(tokenizer, resume_dir)
-    return job.run()
-
-
-def _check_finetune_dirs(args, out_dir: Path, checkpoint_dir: Path) -> Optional[Path]:
-    """Check --out, --checkpoint-dir and --resume before anything is loaded; returns the folder to resume from."""
-    from .checkpoint import check_checkpoint_dir, is_checkpoint_dir, latest_step_dir
-    from .train import UserError, check_input_dir, check_output_dir
-
-    if checkpoint_dir.resolve() == out_dir.resolve():
-        raise UserError("--checkpoint-dir must differ from --out (checkpoints are kept apart from the adapter)")
-    resume_dir, from_checkpoint = None, False
-    if args.resume is not None:
-        source = Path(args.resume) if args.resume else checkpoint_dir if is_checkpoint_dir(checkpoint_dir) else out_dir
-        from_checkpoint = is_checkpoint_dir(source)
-        if from_checkpoint:
-            resume_dir = latest_step_dir(source)
-        else:
-            resume_dir = check_input_dir(source, "adapter directory", must_contain="adapter_config.json")
-    resuming_own = from_checkpoint and resume_dir.parent.resolve() == checkpoint_dir.resolve()
-    if not resuming_own and (resume_dir is None or out_dir.resolve() != resume_dir.resolve()):
-        check_output_dir(out_dir, args.overwrite)
-    check_checkpoint_dir(checkpoint_dir, overwrite=args.overwrite, resuming_from_it=resuming_own)
-    return resume_dir
-
-
-def _model_inputs(args, model_dir: Path, data_path: Path, *, extra_token: bool):
-    """The model's tokenizer and the tokenized data, --seq settled against the model's positions."""
-    from .data import load_tokenizer, read_data
-    from .train import UserError, check_seq, load_model_config
-
-    config = load_model_config(model_dir)
-    if args.seq is None:
-        limit = getattr(config, "max_position_embeddings", None)
-        args.seq = min(DEFAULT_SEQ, limit) if isinstance(limit, int) and limit >= 2 else DEFAULT_SEQ
-    check_seq(config, args.seq, model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    data = read_data(data_path, tokenizer, args.data_format)
-    need = args.seq + 1 if extra_token else args.seq
-    if data.tokens.numel() < need:
-        raise UserError(f"{data_path} has {data.tokens.numel()} tokens; --seq {args.seq} needs at least {need}")
-    if data.targets == 0:
-        raise UserError(f"{data_path} has no completion tokens to learn or score (only prompts)")
-    return tokenizer, data
-
-
-class _FinetuneJob:
-    """One ``finetune`` run: models, adapter and optimizer (new or resumed), the loop, the saves."""
-
-    def __init__(self, args, model_dir: Path, data_path: Path, out_dir: Path, checkpoint_dir: Path, data) -> None:
-        self.args, self.model_dir, self.data_path = args, model_dir, data_path
-        self.out_dir, self.checkpoint_dir, self.data = out_dir, checkpoint_dir, data
-        self.previous_losses: list[float] = []
-        self.saved_step = -1
-
-    def load(self, tokenizer, resume_dir: Optional[Path]) -> None:
-        import torch
-
-        from .data import check_vocab
-        from .train import DTYPES, UserError, aqlm_layer_names, enable_checkpointing, load_causal_lm, use_fused_base
-
-        args = self.args
-        dtype = DTYPES[args.dtype]
-        self.teacher = _load_teacher(args.teacher, dtype, args.seq) if args.teacher else None
-        model = load_causal_lm(self.model_dir, dtype)
-        check_vocab(model.get_input_embeddings().num_embeddings, tokenizer, self.model_dir)
-        if self.teacher is not None and self.teacher.get_output_embeddings().weight.shape[0] != model.config.vocab_size:
-            raise UserError(f"the teacher {args.teacher} has another vocabulary size than {self.model_dir}")
-        self.dense = not aqlm_layer_names(model)
-        use_fused_base(model)
-        if args.gradient_checkpointing:
-            enable_checkpointing(model)
-        if resume_dir is not None:
-            self._resume(model, resume_dir)
-        else:
-            torch.manual_seed(args.seed)  # LoRA A's init
-            self._start(model)
-
-    def _start(self, model) -> None:
-        from .train import make_optimizer, new_adapter
-
-        self.start = 0
-        self.settings = self._settings(self.args.steps or DEFAULT_STEPS)
-        self.peft_model = new_adapter(model, self.args.r, self.args.alpha, self.args.dropout)
-        self.optimizer = make_optimizer(self.peft_model, self.settings)
-
-    def _resume(self, model, resume_dir: Path) -> None:
-        from .train import OPTIMIZER_FILE, UserError, load_adapter, make_optimizer, one_line, read_training_state
-
-        state, optimizer_state = read_training_state(resume_dir)
-        self.start = int(state["global_step"])
-        target = int(state.get("target_step", self.start))
-        if target > self.start:  # an interrupted run: finish it, so the same command line continues it
-            print(f"note: finishing the interrupted run: steps {self.start + 1}..{target}", file=sys.stderr)
-        steps = target - self.start if target > self.start else self.args.steps or DEFAULT_STEPS
-        self.settings = self._settings(steps)
-        _note_changed_settings(state.get("settings"), self.settings)
-        self.peft_model = load_adapter(model, resume_dir, trainable=True)
-        self.optimizer = make_optimizer(self.peft_model, self.settings)
-        try:
-            self.optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-            raise UserError(
-                f"{resume_dir / OPTIMIZER_FILE} does not match the adapter in {resume_dir}: {one_line(exc)}"
-            ) from None
-        self.previous_losses = list(state.get("losses", []))
-
-    def _settings(self, steps: int):
-        from .train import TrainSettings
-
-        a = self.args
-        return TrainSettings(steps=steps, lr=a.lr, batch=a.batch, seq=a.seq, seed=a.seed, warmup=a.warmup)
-
-    def state(self, step: int, losses: list[float], interrupted: bool = False) -> dict:
-        from .train import settings_dict
-
-        return {
-            "global_step": step,
-            "target_step": self.start + self.settings.steps,
-            "interrupted": interrupted,
-            "model_dir": str(self.model_dir),
-            "data": str(self.data_path),
-            "dtype": self.args.dtype,
-            "settings": settings_dict(self.settings),
-            "teacher": str(self.args.teacher) if self.args.teacher else None,
-            "losses": self.previous_losses + losses,
-        }
-
-    def save_checkpoint(self, result, interrupted: bool = False) -> None:
-        from .checkpoint import save_checkpoint
-
-        if result.global_step == self.saved_step:
-            return
-        _check_finite_adapter(self.peft_model, result.global_step)
-        save_checkpoint(
-            self.checkpoint_dir,
-            self.peft_model,
-            self.optimizer,
-            self.state(result.global_step, result.losses, interrupted),
-        )
-        self.saved_step = result.global_step
-
-    def run(self) -> int:
-        from .checkpoint import StopOnInterrupt
-        from .progress import ProgressLog
-        from .train import train_steps
-
-        if self.dense:
-            print(f"note: {self.model_dir} has no AQLM layers; training plain PEFT LoRA", file=sys.stderr)
-        end = self.start + self.settings.steps
-        log = ProgressLog(
-            "finetune", "step", self.start, end, self.args.log_every, self.settings.batch * self.settings.seq
-        )
-        stop = StopOnInterrupt(
-            f"{PROG}: stopping after this step to save a checkpoint in {self.checkpoint_dir} (Ctrl-C again: quit "
-            "without saving)"
-        )
-        hook = _StepHook(self, log, stop)
-        with stop:
-            result = train_steps(
-                self.peft_model,
-                self.data.tokens,
-                self.settings,
-                self.optimizer,
-                start_step=self.start,
-                progress=not self.args.no_progress,
-                desc="finetune",
-                teacher=self.teacher,
-                labels=self.data.labels,
-                on_step=hook,
-            )
-        if stop.requested and result.global_step < end:  # on the last step: just save the adapter
-            return self._interrupted(result, end)
-        return self._finish(result)
-
-    def _interrupted(self, result, end: int) -> int:
-        self.save_checkpoint(result, interrupted=True)  # the loop stops after a step: there is one to save
-        print(
-            f"{PROG}: interrupted after step {result.global_step} of {end}; checkpoint saved in {self.checkpoint_dir} "
-            "(run the same command with --resume to continue)",
-            file=sys.stderr,
-        )
-        return 130
-
-    def _finish(self, result) -> int:
-        from .checkpoint import remove_checkpoint_dir
-        from .train import save_training, staged_dir
-
-        _check_finite_adapter(self.peft_model, result.global_step)
-        with staged_dir(self.out_dir) as tmp:
-            save_training(self.peft_model, self.optimizer, self.state(result.global_step, result.losses), tmp)
-        remove_checkpoint_dir(self.checkpoint_dir)  # the adapter folder now holds the same state
-        step_s = result.median_step_seconds()
-        print(
-            f"steps {self.start + 1}..{result.global_step}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
-            f"{step_s:.3f} s/step ({self.settings.batch * self.settings.seq / step_s:,.0f} tokens/s)"
-        )
-        print(f"adapter and optimizer state saved to {self.out_dir}")
-        return 0
-
-
-class _StepHook:
-    """After each step: a progress line when due, a checkpoint every --save-every steps, stop on Ctrl-C."""
-
-    def __init__(self, job: _FinetuneJob, log, stop) -> None:
-        self.job, self.log, self.stop = job, log, stop
-        self.logged = 0  # losses already summarised in a line
-
-    def __call__(self, result) -> bool:
-        step = result.global_step
-        if self.log.due(step):
-            recent = result.losses[self.logged :]
-            self.log.update(step, f"loss {sum(recent) / len(recent):.4f}")
-            self.logged = len(result.losses)
-        every = self.job.args.save_every
-        last = step == self.job.start + self.job.settings.steps  # the final save follows anyway
-        if every and step % every == 0 and not last and not self.stop.requested:
-            self.job.save_checkpoint(result)
-        return self.stop.requested
-
-
-def _load_teacher(path: str, dtype, seq: int):
-    from .train import check_input_dir, check_seq, load_causal_lm, load_model_config, use_fused_base
-
-    teacher_dir = check_input_dir(path, "teacher directory", must_contain="config.json")
-    check_seq(load_model_config(teacher_dir), seq, teacher_dir)
-    teacher = load_causal_lm(teacher_dir, dtype).eval()
-    teacher.requires_grad_(False)
-    use_fused_base(teacher)
-    return teacher
-
-
-def _note_changed_settings(saved: object, settings) -> None:
-    """Resuming with other batches/seeds/lr is allowed, but then it is no exact continuation: say so."""
-    from .train import settings_dict
-
-    if not isinstance(saved, dict):
-        return
-    flags = {"lr": "--lr", "batch": "--batch", "seq": "--seq", "seed": "--seed", "warmup": "--warmup"}
-    now = settings_dict(settings)
-    changed = [
-        f"{flag} {now[key]} (was {saved[key]})"
-        for key, flag in flags.items()
-        if key in saved and saved[key] != now[key]
-    ]
-    if changed:
-        print(f"note: resuming with {', '.join(changed)}: not an exact continuation", file=sys.stderr)
-
-
-def cmd_eval(args) -> int:
-    from .data import check_vocab
-    from .text import perplexity
-    from .train import (
-        DTYPES,
-        UserError,
-        check_input_dir,
-        check_input_file,
-        load_adapter,
-        load_causal_lm,
-        use_fused_base,
-    )
-
-    model_dir = check_input_dir(args.model_dir, "model directory", must_contain="config.json")
-    data_path = check_input_file(args.data, "data file")
-    tokenizer, data = _model_inputs(args, model_dir, data_path, extra_token=False)
-    model = load_causal_lm(model_dir, DTYPES[args.dtype])
-    check_vocab(model.get_input_embeddings().num_embeddings, tokenizer, model_dir)
-    use_fused_base(model)
-    if args.adapter:
-        model = load_adapter(model, args.adapter)
-    windows = data.tokens.numel() // args.seq
-    if args.max_windows:
-        windows = min(windows, args.max_windows)
-    progress = _EvalProgress(args, windows)
-    try:
-        ppl = perplexity(
-            model,
-            data.tokens,
-            args.seq,
-            batch=args.batch,
-            max_windows=args.max_windows,
-            labels=data.labels,
-            progress=progress,
-        )
-    except ValueError as exc:  # e.g. the windows hold prompt tokens only
-        raise UserError(f"cannot evaluate {data_path}: {exc}") from None
-    finally:
-        progress.close()
-    scored = "" if data.labels is None else ", completion tokens only"
-    print(f"perplexity {ppl:.4f} ({windows} windows of {args.seq} tokens{scored})")
-    return 0
-
-
-class _EvalProgress:
-    """A bar (on a terminal) and --log-every lines (anywhere) over the batches of ``eval``."""
-
-    def __init__(self, args, windows: int) -> None:
-        from tqdm.auto import tqdm
-
-        from .progress import ProgressLog
-
-        self.batch = args.batch
-        batches = -(-windows // args.batch)
-        self.log = ProgressLog("eval", "batch", 0, batches, args.log_every, args.batch * args.seq)
-        self.bar = tqdm(total=windows, desc="eval", unit="window", disable=True if args.no_progress else None)
-
-    def __call__(self, done: int, total: int, running_ppl: float) -> None:
-        self.bar.update(done - self.bar.n)
-        self.bar.set_postfix(ppl=f"{running_ppl:.3f}")
-        self.log.update(-(-done // self.batch), f"ppl {running_ppl:.4f}")
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def bench_script() -> Optional[Path]:
-    """``benchmarks/cpu/bench_linear.py`` of the source checkout (next to the package, or in the cwd)."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        candidate = root / "benchmarks" / "cpu" / "bench_linear.py"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def cmd_bench(args) -> int:
-    from .train import UserError
-
-    script = bench_script()
-    if script is None:
-        raise UserError(
-            "benchmarks/cpu/bench_linear.py not found: it ships with the source checkout, not the installed "
-            "package; run `aqlm-lora bench` from the repository root"
-        )
-    command = [sys.executable, str(script)] + ([] if args.full else ["--quick"]) + list(args.extra)
-    print("running " + " ".join(command), file=sys.stderr)
-    # Kineto (the profiler behind the peak-memory column) prints profiler_start/stop lines per
-    # measurement at every log level below 6; the user can still ask for them.
-    env = dict(os.environ)
-    env.setdefault("KINETO_LOG_LEVEL", "6")
-    return subprocess.call(command, cwd=str(script.parent.parent), env=env)
-
-
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(args.out, overwrite=args.overwrite, seed=args.seed, progress=not args.no_progress)
-
-
-def _check_finite_adapter(peft_model, step: int) -> None:
-    """The last update comes after the last loss we checked: refuse to save weights it made NaN/Inf."""
-    from .train import UserError
-
-    bad = [name for name, p in peft_model.named_parameters() if p.requires_grad and not bool(p.isfinite().all())]
-    if bad:
-        raise UserError(
-            f"training diverged: after step {step} {len(bad)} adapter tensors (e.g. {bad[0]}) hold NaN/Inf; "
-            "nothing was saved (try a lower --lr or --alpha)"
-        )
-
-
-COMMANDS = {"quantize": cmd_quantize, "finetune": cmd_finetune, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
+# Each command's module (``run(args) -> exit code``), imported when the command runs: `--help` loads none.
+COMMANDS = {
+    "quantize": "cmd_quantize",
+    "finetune": "cmd_finetune",
+    "eval": "cmd_eval",
+    "bench": "cmd_bench",
+    "demo": "cmd_demo",
+}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -726,11 +293,13 @@ def _main(argv: Optional[list[str]]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # PEFT 0.21 still reads transformers' deprecated `is_gradient_checkpointing`; not the user's concern.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from .train import UserError, quiet_transformers
+    from .errors import UserError
+    from .models import quiet_transformers
 
     quiet_transformers()
     try:
-        return COMMANDS[args.command](args)
+        command = importlib.import_module(f"{__package__}.{COMMANDS[args.command]}")
+        return command.run(args)
     except UserError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,6 @@ the file and line.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +30,14 @@ from typing import Optional, Protocol, Union
 import torch
 from torch import Tensor
 
+from .errors import UserError, one_line
+from .files import PathLike
 from .text import IGNORE, TOKENIZER_FILE, ByteTokenizer
-from .train import UserError, one_line
 
 # Files that mean "a transformers tokenizer lives here" (any one is enough for AutoTokenizer).
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DATA_FORMATS = ("auto", "text", "jsonl")
-
-PathLike = Union[str, os.PathLike]
 
 
 class Tokenizer(Protocol):

@@ -23,21 +23,14 @@ from pathlib import Path
 
 import torch
 
+from ..lora.fused_base import use_fused_kernels
 from ..quantize import mean_errors, parse_scheme, quantize_model
+from .adapters import new_adapter
+from .files import check_output_dir, staged_dir
+from .models import load_causal_lm
 from .text import ByteTokenizer, perplexity, stdlib_corpus
-from .train import (
-    TrainSettings,
-    check_output_dir,
-    cosine_schedule,
-    load_causal_lm,
-    make_optimizer,
-    new_adapter,
-    save_training,
-    settings_dict,
-    staged_dir,
-    train_steps,
-    use_fused_base,
-)
+from .train import TrainSettings, cosine_schedule, make_optimizer, settings_dict, train_steps
+from .train_state import save_training
 
 
 @dataclass
@@ -201,7 +194,7 @@ def run_demo(
         qdir = work / f"aqlm-{scheme}"
         _save_model(model, tokenizer, qdir)  # before any forward: the saved codes are the canonical ones
         lap("quantization")
-        use_fused_base(model)
+        use_fused_kernels(model)
         ppl_quant = perplexity(model, valid_tokens, cfg.seq)
         lap("aqlm_eval")
         say(

@@ -13,20 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aqlm_lora.app import checkpoint, cli
-from tests.support.cli import assert_user_error, byte_model_dir, cli_command, cli_env, run, words_text
+from aqlm_lora.app import cli, cmd_finetune
+from tests.support.cli import assert_user_error, cli_command, cli_env, make_workspace, run
 
 COMMON = ["--batch", "2", "--seq", "16", "--no-progress", "--lr", "3e-3"]
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("long")
-    dense = byte_model_dir(root / "dense")
-    data = root / "data.txt"
-    data.write_text(words_text())
-    assert cli.main(["quantize", str(dense), str(root / "aqlm"), "--no-progress", "--rounds", "1"]) == 0
-    return {"root": root, "aqlm": root / "aqlm", "data": data}
+    return make_workspace(tmp_path_factory.mktemp("long"), "--rounds", "1")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 def test_save_every_writes_checkpoints_outside_the_adapter(ws, straight, capsys, tmp_path, monkeypatch):
     seen = []
-    real = checkpoint.save_checkpoint
+    real = cmd_finetune.save_checkpoint
 
     def spy(root, peft_model, optimizer, state):
         step_dir = real(root, peft_model, optimizer, state)
@@ -67,7 +62,7 @@ def test_save_every_writes_checkpoints_outside_the_adapter(ws, straight, capsys,
         seen.append((state["global_step"], names, sorted(p.name for p in step_dir.iterdir())))
         return step_dir
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", spy)
+    monkeypatch.setattr(cmd_finetune, "save_checkpoint", spy)
     out = tmp_path / "adapter"
     code, _, err = run(_finetune(ws, out, "--steps", "8", "--save-every", "3"), capsys)
     assert code == 0, err

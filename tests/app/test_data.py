@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from aqlm_lora.app import data
+from aqlm_lora.app.errors import UserError
 from aqlm_lora.app.text import IGNORE, ByteTokenizer
-from aqlm_lora.app.train import UserError, next_token_loss
+from aqlm_lora.app.train import next_token_loss
 from tests.support.cli import bpe_model_dir, words_text
 
 

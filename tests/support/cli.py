@@ -1,8 +1,11 @@
-"""Shared pieces of the CLI tests: tiny models with a byte or a real BPE tokenizer, running the CLI."""
+"""Shared pieces of the CLI tests: tiny models with a byte or a real BPE tokenizer, a workspace
+(dense model, data, its AQLM quantization), running the CLI and checking its one-line errors."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +19,8 @@ from aqlm_lora.app.text import ByteTokenizer
 ROOT = Path(__file__).resolve().parents[2]
 TINY = DemoConfig(hidden=32, intermediate=64, layers=2, heads=2, seq=32)
 WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "if", "else", "(", ")", ":", "\n"]
+# The smallest finetune run: 2 steps of 2 windows of 16 tokens.
+TRAIN = ["--steps", "2", "--batch", "2", "--seq", "16", "--no-progress"]
 
 
 def words_text(n: int = 3000, seed: int = 0) -> str:
@@ -23,11 +28,24 @@ def words_text(n: int = 3000, seed: int = 0) -> str:
     return " ".join(WORDS[i] for i in torch.randint(len(WORDS), (n,), generator=gen).tolist())
 
 
-def byte_model_dir(path: Path, cfg: DemoConfig = TINY) -> Path:
-    """A tiny dense Llama with the byte tokenizer (as the demo makes them)."""
+def byte_model_dir(path: Path, cfg: DemoConfig = TINY, tokenizer: bool = True) -> Path:
+    """A tiny dense Llama with the byte tokenizer (as the demo makes them); ``tokenizer=False``: without it."""
     build_model(cfg, ByteTokenizer(), seed=0).save_pretrained(path)
-    ByteTokenizer().save(path)
+    if tokenizer:
+        ByteTokenizer().save(path)
     return path
+
+
+def make_workspace(root: Path, *quantize_args: str) -> dict[str, Path]:
+    """``root`` with a tiny dense byte-tokenizer model, a data file of words, and the model quantized to
+    AQLM 2x8 by the CLI (``quantize_args``: more flags for it). Keys: root, dense, data, aqlm."""
+    dense = byte_model_dir(root / "dense")
+    data = root / "data.txt"
+    data.write_text(words_text())
+    quantized = root / "aqlm"
+    argv = ["quantize", str(dense), str(quantized), "--scheme", "2x8", "--no-progress", *quantize_args]
+    assert cli.main(argv) == 0
+    return {"root": root, "dense": dense, "data": data, "aqlm": quantized}
 
 
 def bpe_tokenizer(text: str, vocab_size: int = 320):
@@ -64,18 +82,43 @@ def bpe_model_dir(path: Path, text: str, cfg: DemoConfig = TINY, dtype: torch.dt
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
+    """``aqlm-lora ARGV`` in this process: ``(exit code, stdout, stderr)``."""
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def assert_user_error(code: int, err: str, *needles: str) -> None:
+    """A failure reported as one ``aqlm-lora: error: ...`` line holding every needle, no traceback."""
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("aqlm-lora: error: "), err
+    assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` and its bytes: equal before and after means nothing was touched."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file to ``keep`` of its size, as an interrupted download or copy leaves it."""
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * keep))
 
 
 def cli_command(*args) -> list[str]:
