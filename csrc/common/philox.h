@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define AQLM_LORA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define AQLM_LORA_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace aqlm_lora {
 

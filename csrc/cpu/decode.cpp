@@ -21,7 +21,7 @@ namespace aqlm_lora::cpu {
 namespace {
 
 constexpr int64_t kRowTile = 8;
-constexpr int64_t kMaxDecodeRows = 8;          // larger batches use dequantize + GEMM
+constexpr int64_t kDecodeMaxRows = 8;          // larger batches use dequantize + GEMM
 constexpr int64_t kMaxLutBytes = 8 << 20;      // the table must stay cache-sized
 constexpr int64_t kMaxAccumulators = 64;       // out_group * N outputs summed per output group
 constexpr int64_t kLutChunkBytes = 256 << 10;   // single-token table chunk, well inside L2
@@ -134,6 +134,32 @@ void gather_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows,
 
 bool use_lut(const AqlmDims& d) { return d.nbits <= 8; }
 
+// The few-row kernels sum x . codebook per codebook before adding the codebooks up, so an
+// infinite x meeting codebook entries of opposite signs gives inf - inf = NaN where x @ W^T (W
+// summed first) gives +-inf. Rows with Inf or NaN therefore take the dequantize + GEMM path,
+// which propagates them exactly like F.linear. The scan costs N * in reads, next to O * in codes.
+template <typename acc_t>
+bool all_finite(const acc_t* x, int64_t numel) {
+  for (int64_t k = 0; k < numel; ++k) {
+    if (!std::isfinite(x[k])) return false;
+  }
+  return true;
+}
+
+bool rows_finite(const at::Tensor& x) {
+  if (x.scalar_type() == at::kDouble) return all_finite(x.data_ptr<double>(), x.numel());
+  return all_finite(x.data_ptr<float>(), x.numel());
+}
+
+bool avx2_codebooks(at::ScalarType t, simd::CodebookType* type) {
+  switch (t) {
+    case at::kFloat: *type = simd::CodebookType::kFloat; return true;
+    case at::kHalf: *type = simd::CodebookType::kHalf; return true;
+    case at::kBFloat16: *type = simd::CodebookType::kBFloat16; return true;
+    default: return false;
+  }
+}
+
 // AQLM_LORA_CPU_KERNELS=generic forces the portable kernels (to test or compare them).
 bool simd_enabled() {
   static const bool enabled = [] {
@@ -145,21 +171,37 @@ bool simd_enabled() {
 
 }  // namespace
 
-bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
-                 const AqlmDims& d, at::Tensor& out) {
+// Which kernel runs x @ W^T on the CPU; N = rows of x, C x B g<ig> o<og> the scheme:
+//
+//   rows and scheme                                   | x           | kernel
+//   N > 8, og * N > 64, LUT > 8 MiB, or Inf/NaN in x  | any         | kGemm (bf16 GEMM for bf16 x on AVX512-BF16 CPUs)
+//   N <= 8, og 1, ig 8, not (B <= 8 and N == 1)       | float32     | kAvx2Gather
+//   N <= 8, B <= 8, K % 8 == 0 (other shapes)         | float32     | kAvx2Lut
+//   N <= 8, B <= 8                                    | other/no AVX2 | kDecodeLut
+//   N <= 8, B > 8                                     | other/no AVX2 | kDecodeGather
+//
+// "LUT" is the lookup table of B <= 8 schemes: in_groups * C * 2**B * og * N floats.
+// The AVX2 kernels need codebooks in float32/16/bf16 and AQLM_LORA_CPU_KERNELS != generic.
+Kernel choose_kernel(const AqlmDims& d, const at::Tensor& x, at::ScalarType codebooks) {
   const int64_t n = x.size(0);
-  if (!simd_enabled() || x.scalar_type() != at::kFloat || !use_decode(d, n)) return false;
+  if (!decode_fits(d, n) || !rows_finite(x)) return Kernel::kGemm;
   simd::CodebookType type;
-  switch (codebooks.scalar_type()) {
-    case at::kFloat: type = simd::CodebookType::kFloat; break;
-    case at::kHalf: type = simd::CodebookType::kHalf; break;
-    case at::kBFloat16: type = simd::CodebookType::kBFloat16; break;
-    default: return false;
+  if (simd_enabled() && x.scalar_type() == at::kFloat && avx2_codebooks(codebooks, &type)) {
+    // 8-bit codes, one token: a lookup table. Otherwise, for out_group 1 and in_group 8, gathering
+    // codebook rows is faster (the 2x8 codebooks live in L1) and scales better with tokens.
+    if (d.out_group == 1 && d.in_group == 8 && !(use_lut(d) && n == 1)) return Kernel::kAvx2Gather;
+    if (use_lut(d) && d.codebook_size % 8 == 0) return Kernel::kAvx2Lut;
   }
-  // 8-bit codes, one token: a lookup table. Otherwise, for out_group 1 and in_group 8, gathering
-  // codebook rows is faster (the 2x8 codebooks live in L1) and scales better with tokens.
-  const bool gather = d.out_group == 1 && d.in_group == 8 && !(use_lut(d) && n == 1);
-  if (!gather && (!use_lut(d) || d.codebook_size % 8 != 0)) return false;
+  return use_lut(d) ? Kernel::kDecodeLut : Kernel::kDecodeGather;
+}
+
+void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                 const at::Tensor& scales, const AqlmDims& d, at::Tensor& out) {
+  TORCH_INTERNAL_ASSERT(kernel == Kernel::kAvx2Gather || kernel == Kernel::kAvx2Lut);
+  const int64_t n = x.size(0);
+  simd::CodebookType type;
+  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && avx2_codebooks(codebooks.scalar_type(), &type));
+  const bool gather = kernel == Kernel::kAvx2Gather;
   const at::Tensor codes_c = codes.contiguous();
   const at::Tensor scales_f = scales.to(at::kFloat).reshape({-1}).contiguous();
   const simd::DecodeProblem p{codes_c.data_ptr(), codes.scalar_type() == at::kShort, d.out_groups, d.in_groups,
@@ -170,7 +212,7 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
     at::parallel_for(0, d.out_groups, grain_for(d.in_groups * d.num_codebooks * n), [&](int64_t o0, int64_t o1) {
       simd::gather_rows_avx2(p, cb.data_ptr(), type, o0, o1);
     });
-    return true;
+    return;
   }
   // Codebooks transposed to [C, og, ig, K] so the table is built eight entries per FMA.
   const at::Tensor cb_t = codebooks.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
@@ -195,7 +237,7 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
       }
       for (int64_t o = o0; o < o1; ++o) y[o] = s[o] * partial[o - o0];
     });
-    return true;
+    return;
   }
   std::vector<float> table = scratch<float>(d.in_groups * entries_per_group);
   at::parallel_for(0, d.in_groups, grain_for(entries_per_group * d.in_group), [&](int64_t i0, int64_t i1) {
@@ -205,11 +247,10 @@ bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
                    [&](int64_t o0, int64_t o1) {
     simd::lut_rows_avx2(p, table.data(), o0, o1);
   });
-  return true;
 }
 
-bool use_decode(const AqlmDims& d, int64_t n_rows) {
-  if (n_rows < 1 || n_rows > kMaxDecodeRows || d.out_group * n_rows > kMaxAccumulators) return false;
+bool decode_fits(const AqlmDims& d, int64_t n_rows) {
+  if (n_rows < 1 || n_rows > kDecodeMaxRows || d.out_group * n_rows > kMaxAccumulators) return false;
   if (!use_lut(d)) return true;
   const int64_t lut_bytes = d.in_groups * d.num_codebooks * d.codebook_size * d.out_group * n_rows * 4;
   return lut_bytes <= kMaxLutBytes;

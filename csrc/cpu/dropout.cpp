@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "cpu/kernels.h"
+#include "common/dropout.h"
 #include "common/philox.h"
 
 namespace aqlm_lora::cpu {
@@ -33,7 +34,7 @@ void apply_dropout(const acc_t* src, acc_t* dst, int64_t numel, double dropout_p
   const float p = static_cast<float>(dropout_p);
   const acc_t keep_prob = static_cast<acc_t>(1.0 - dropout_p);
   for_each_draw(numel, seed, offset, [&](int64_t idx, float u) {
-    dst[idx] = u >= p ? src[idx] / keep_prob : acc_t(0);
+    dst[idx] = dropout_scaled(src[idx], u >= p, keep_prob);
   });
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/checks.h"
+#include "common/codes.h"
 #include "common/plain_aten.h"
 
 namespace aqlm_lora::cpu {
@@ -16,13 +17,6 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 14;
 
 inline int64_t grain_for(int64_t work_per_item, int64_t min_work = kMinParallelWork) {
   return std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_item));
-}
-
-// Codebook row index of a stored (signed) code: value mod 2**nbits.
-template <typename code_t>
-inline uint32_t code_index(code_t stored, uint32_t mask) {
-  using ucode_t = std::make_unsigned_t<code_t>;
-  return static_cast<uint32_t>(static_cast<ucode_t>(stored)) & mask;
 }
 
 // The AQLM weight in the accumulation type: codes [O, I, C], codebooks [C, K, og, ig], scales [O].
@@ -40,18 +34,30 @@ template <typename acc_t, typename code_t>
 void dequantize_tile(const Weight<acc_t, code_t>& w, int64_t o0, int64_t o1, int64_t i0, int64_t i1, acc_t* dst,
                      int64_t ld);
 
-// y[n, :] = x[n, :] @ W^T for n < N, few rows: lookup tables for nbits <= 8, codebook gathers
-// otherwise. x [N, in] and y [N, out] are contiguous; parallel over output groups.
+// kDecodeLut / kDecodeGather: y[n, :] = x[n, :] @ W^T for n < N few rows. x [N, in] and
+// y [N, out] are contiguous; parallel over output groups.
 template <typename acc_t, typename code_t>
 void decode_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, acc_t* y);
 
-// The vectorized few-token path (AVX2, float inputs): writes out [N, out] and returns true, or
-// returns false without touching anything when it does not apply to this call.
-bool fast_decode(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
-                 const AqlmDims& d, at::Tensor& out);
+// The kernel that computes x @ W^T for one call (ARCHITECTURE.md prints the table of
+// choose_kernel in decode.cpp). The few-row kernels read the codes without dequantizing W.
+enum class Kernel {
+  kGemm,          // blocked dequantize + GEMM (many rows, or any Inf/NaN in x)
+  kDecodeLut,     // portable few-row kernel, lookup tables (nbits <= 8)
+  kDecodeGather,  // portable few-row kernel, codebook gathers (nbits > 8)
+  kAvx2Lut,       // AVX2/FMA lookup tables (float32 x)
+  kAvx2Gather,    // AVX2/FMA codebook gathers (float32 x, out_group 1, in_group 8)
+};
 
-// Whether decode_gemm handles n_rows rows for this weight (else use blocked dequantize + GEMM).
-bool use_decode(const AqlmDims& d, int64_t n_rows);
+// x: the [N, in] rows in the accumulation type (scanned for Inf/NaN only when few enough rows).
+Kernel choose_kernel(const AqlmDims& d, const at::Tensor& x, at::ScalarType codebooks);
+
+// Few enough rows (and a small enough table) for the few-row kernels, whatever the dtypes.
+bool decode_fits(const AqlmDims& d, int64_t n_rows);
+
+// Runs kAvx2Lut / kAvx2Gather: out [N, out] float32 = x @ W^T.
+void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                 const at::Tensor& scales, const AqlmDims& d, at::Tensor& out);
 
 // dst = src * keep / (1 - p) elementwise with the Philox mask of element indices [0, numel).
 template <typename acc_t>

@@ -21,7 +21,7 @@ namespace {
 constexpr int64_t kBlockRows = 64;
 constexpr int64_t kBlockCols = 64;
 
-at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Owns the converted weight tensors that a Weight view points into.
 struct PreparedWeight {
@@ -88,36 +88,13 @@ at::ScalarType gemm_dtype(at::ScalarType input, at::ScalarType acc) {
   return acc;
 }
 
-// The few-token kernels sum x . codebook per codebook before adding the codebooks up, so an
-// infinite x meeting codebook entries of opposite signs gives inf - inf = NaN where x @ W^T (W
-// summed first) gives +-inf. Rows with Inf or NaN therefore take the dequantize + GEMM path,
-// which propagates them exactly like F.linear. The scan costs N * in reads, next to O * in codes.
-template <typename acc_t>
-bool all_finite(const acc_t* x, int64_t numel) {
-  for (int64_t k = 0; k < numel; ++k) {
-    if (!std::isfinite(x[k])) return false;
-  }
-  return true;
-}
-
-bool decode_applies(const at::Tensor& x, const AqlmDims& d) {
-  const int64_t n = x.size(0);
-  if (!use_decode(d, n)) return false;
-  bool finite = true;
-  dispatch_acc(x.scalar_type(), [&](auto acc_tag) {
-    using acc_t = decltype(acc_tag);
-    finite = all_finite(x.data_ptr<acc_t>(), x.numel());
-  });
-  return finite;
-}
-
 // out [N, out] = x [N, in] @ W^T, contiguous; x and out in acc_t, or both in bfloat16 (gemm_dtype).
 template <typename acc_t, typename code_t>
-void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, bool decode, at::Tensor& out) {
+void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, Kernel kernel, at::Tensor& out) {
   const AqlmDims& d = w.d;
   const int64_t n = x.size(0), in = d.in_features();
   if (n == 0) return;
-  if (decode) return decode_gemm(w, x.data_ptr<acc_t>(), n, out.data_ptr<acc_t>());
+  if (kernel != Kernel::kGemm) return decode_gemm(w, x.data_ptr<acc_t>(), n, out.data_ptr<acc_t>());
   const int64_t groups_per_block = std::max<int64_t>(1, kBlockRows / d.out_group);
   const int64_t blocks = (d.out_groups + groups_per_block - 1) / groups_per_block;
   const int64_t block_work = groups_per_block * d.out_group * in * (n + d.num_codebooks);
@@ -241,14 +218,16 @@ at::Tensor base_forward(const at::Tensor& x, const at::Tensor& input, const at::
   const at::ScalarType acc = x.scalar_type();
   const int64_t n = x.size(0);
   at::Tensor out = empty_output({n, d.out_features()}, x.options());
-  const bool decode = decode_applies(x, d);
-  if (!(decode && fast_decode(x, codes, codebooks, scales, d, out))) {
+  const Kernel kernel = choose_kernel(d, x, codebooks.scalar_type());
+  if (kernel == Kernel::kAvx2Gather || kernel == Kernel::kAvx2Lut) {
+    avx2_decode(kernel, x, codes, codebooks, scales, d, out);
+  } else {
     const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
-    const at::ScalarType gemm = decode ? acc : gemm_dtype(input.scalar_type(), acc);
+    const at::ScalarType gemm = kernel == Kernel::kGemm ? gemm_dtype(input.scalar_type(), acc) : acc;
     const at::Tensor gemm_x = gemm == acc ? x : input.reshape({n, d.in_features()}).contiguous();
     at::Tensor gemm_out = gemm == acc ? out : empty_output({n, d.out_features()}, gemm_x.options());
     dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
-      base_gemm(view<decltype(acc_tag), decltype(code_tag)>(pw), gemm_x, decode, gemm_out);
+      base_gemm(view<decltype(acc_tag), decltype(code_tag)>(pw), gemm_x, kernel, gemm_out);
     });
     if (gemm != acc) out.copy_(gemm_out);
   }
@@ -264,7 +243,7 @@ at::Tensor base_backward(const at::Tensor& g, const at::Tensor& grad, const at::
   const int64_t n = g.size(0);
   const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
   // Few rows keep the accumulation type (fp32 is cheap there and exact for the bf16 inputs).
-  const at::ScalarType gemm = use_decode(d, n) ? acc : gemm_dtype(grad.scalar_type(), acc);
+  const at::ScalarType gemm = decode_fits(d, n) ? acc : gemm_dtype(grad.scalar_type(), acc);
   const at::Tensor gemm_g = gemm == acc ? g : grad.reshape({n, d.out_features()}).contiguous();
   at::Tensor dx = empty_output({n, d.in_features()}, gemm_g.options());
   dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
@@ -276,7 +255,7 @@ at::Tensor base_backward(const at::Tensor& g, const at::Tensor& grad, const at::
 at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales) {
   const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
-  const at::ScalarType acc = acc_type(codebooks);
+  const at::ScalarType acc = acc_dtype(codebooks);
   const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
   at::Tensor out = empty_output({d.out_features(), d.in_features()}, codebooks.options().dtype(acc));
   dispatch_types(acc, pw.codes, [&](auto acc_tag, auto code_tag) {
@@ -297,7 +276,7 @@ at::Tensor aqlm_gemm_cpu(const at::Tensor& input, const at::Tensor& codes, const
   const AqlmDims d = check_weight(codes, codebooks, scales);
   const int64_t n = check_rows(input, "input", d.in_features(), codes);
   check_vector(bias, "bias", d.out_features(), codes);
-  const at::ScalarType acc = acc_type(input);
+  const at::ScalarType acc = acc_dtype(input);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
   const at::Tensor out = base_forward(x, input, codes, codebooks, scales, d, bias);
   return out.to(input.scalar_type()).reshape(with_last(input.sizes(), d.out_features()));
@@ -308,7 +287,7 @@ at::Tensor aqlm_gemm_t_cpu(const at::Tensor& grad, const at::Tensor& codes, cons
   const PlainAtenCalls plain;
   const AqlmDims d = check_weight(codes, codebooks, scales);
   const int64_t n = check_rows(grad, "grad", d.out_features(), codes);
-  const at::Tensor g = rows_of(grad, n, d.out_features(), acc_type(grad));
+  const at::Tensor g = rows_of(grad, n, d.out_features(), acc_dtype(grad));
   const at::Tensor dx = base_backward(g, grad, codes, codebooks, scales, d);
   return dx.to(grad.scalar_type()).reshape(with_last(grad.sizes(), d.in_features()));
 }
@@ -334,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& input, con
                                            dropout_p, seed, offset);
   const AqlmDims& d = call.d;
   const int64_t n = call.n;
-  const at::ScalarType acc = acc_type(input);
+  const at::ScalarType acc = acc_dtype(input);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
   at::Tensor out = base_forward(x, input, codes, codebooks, scales, d, bias);
   const at::Tensor xa = lora_rows_dot(dropout(x, dropout_p, seed, offset), lora_A.to(acc));
@@ -353,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
                                                  dropout_p, seed, offset);
   const AqlmDims& d = call.d;
   const int64_t n = call.n;
-  const at::ScalarType acc = acc_type(input);
+  const at::ScalarType acc = acc_dtype(input);
   const at::Tensor g = rows_of(grad, n, d.out_features(), acc);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
   const at::Tensor a = lora_A.to(acc);

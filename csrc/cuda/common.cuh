@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/codes.h"
 
 namespace aqlm_lora {
 namespace cuda {
@@ -123,13 +124,6 @@ inline WeightRef make_weight(const at::Tensor& codes, const at::Tensor& codebook
 
 // ------------------------------------------------------------------------------------------------
 // Device helpers.
-
-// Stored codes are signed; the codebook row is value mod 2**nbits = (unsigned bits) & (K - 1).
-template <typename code_t>
-__device__ __forceinline__ uint32_t code_index(code_t v, uint32_t mask) {
-  using U = std::make_unsigned_t<code_t>;
-  return static_cast<uint32_t>(static_cast<U>(v)) & mask;
-}
 
 __device__ __forceinline__ float half_bits_to_float(uint32_t bits) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));

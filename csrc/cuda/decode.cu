@@ -2,7 +2,7 @@
 //   y[n, row] = x[n] . W[row] + bias[row] + s * (xa[n] . lora_B[row] + lora_bias[row]).
 //
 // One warp per output row (grid-stride over rows); its lanes walk the in-groups (or the columns),
-// decode each code once and FMA the codebook row with all N <= kDecodeMaxTokens tokens, so the
+// decode each code once and FMA the codebook row with all N <= kDecodeMaxRows tokens, so the
 // codes (the bulk of the bytes) are read once per call whatever N is. x is float32 (converted by
 // the caller); the epilogue applies the scale, adds bias, lora_bias and the LoRA expand (reading
 // them in their own dtypes) and stores in the output dtype.
@@ -16,6 +16,7 @@
 //
 // lora_shrink_kernel computes xa = dropout(x) A^T (float32, one warp per (token, rank) pair),
 // regenerating the Philox mask on the fly; the GEMV epilogue then adds s * xa . lora_B[row].
+#include "common/dropout.h"
 #include "common/philox.h"
 #include "kernels.cuh"
 
@@ -27,7 +28,7 @@ constexpr int kGemvThreads = 256;
 constexpr int kWarpsPerBlock = kGemvThreads / 32;
 // Largest token count one kernel instantiation handles (NT = 1 or NT = 8).
 constexpr int kMaxNT = 8;
-static_assert(kDecodeMaxTokens >= 1 && kDecodeMaxTokens <= kMaxNT, "decode kernels handle at most 8 tokens");
+static_assert(kDecodeMaxRows >= 1 && kDecodeMaxRows <= kMaxNT, "decode kernels handle at most 8 tokens");
 
 struct GemvArgs {
   const float* x;  // [N, in] float32, 16-byte aligned rows (in is a multiple of 8 on the ig8 kernels)
@@ -226,7 +227,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     for (int64_t k = lane; k < in_features; k += 32) {
       const int64_t index = n * in_features + k;  // row-major position in the [N, in] input
       float xv = x[index];
-      if (dropout) xv = (xv * (dropout_keep(seed, offset, static_cast<uint64_t>(index), p) ? 1.f : 0.f)) / one_minus_p;
+      if (dropout) xv = dropout_scaled(xv, dropout_keep(seed, offset, static_cast<uint64_t>(index), p), one_minus_p);
       acc = fmaf(xv, static_cast<float>(lora_A[j * in_features + k]), acc);
     }
     acc = warp_sum(acc);
@@ -248,8 +249,30 @@ void dispatch_nt(int64_t n_tokens, F&& f) {
 
 }  // namespace
 
-bool decode_supported(at::ScalarType input, at::ScalarType codebooks) {
-  return is_single_or_half(input) && is_single_or_half(codebooks);
+// Bytes of shared memory the in_group-8 kernel stages: every codebook entry as float32.
+int64_t gemv_shared_bytes(const AqlmDims& d) {
+  return d.num_codebooks * d.codebook_size * d.out_group * 8 * static_cast<int64_t>(sizeof(float));
+}
+
+// Which kernel runs x @ W^T (+ LoRA) on CUDA; N = rows of x:
+//
+//   N, dtypes                                             | scheme                              | kernel
+//   N = 0 or N > 8, x or codebooks float64, LoRA float64  | any                                 | kTiledGemm
+//   1 <= N <= 8                                           | ig 8, B <= 8, codebooks fit opt-in  | kGemvSharedIg8
+//   1 <= N <= 8                                           | ig 8 (other)                        | kGemvGlobalIg8
+//   1 <= N <= 8                                           | ig != 8                             | kGemvGeneric
+//
+// "Fit opt-in": C * 2**B * og * 8 floats <= the device's opt-in shared memory per block (above 48
+// KiB the kernel opts in). ig-8 kernels also need 16-byte aligned codebooks (copied if not).
+Kernel choose_kernel(const AqlmDims& d, int64_t n_rows, at::ScalarType x, const at::Tensor& codebooks,
+                     bool lora_decodable) {
+  const bool gemv = n_rows >= 1 && n_rows <= kDecodeMaxRows && d.in_features() > 0 && d.out_features() > 0 &&
+                    is_single_or_half(x) && is_single_or_half(codebooks.scalar_type()) && lora_decodable;
+  if (!gemv) return Kernel::kTiledGemm;
+  if (d.in_group != 8) return Kernel::kGemvGeneric;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const bool smem_fits = gemv_shared_bytes(d) <= static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  return d.nbits <= 8 && smem_fits ? Kernel::kGemvSharedIg8 : Kernel::kGemvGlobalIg8;
 }
 
 void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, uint64_t seed, uint64_t offset,
@@ -275,13 +298,14 @@ void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p
   });
 }
 
-void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias, const at::Tensor& lora_bias,
+void decode_gemv(Kernel kernel, const at::Tensor& x, const WeightRef& w, const at::Tensor& bias,
+                 const at::Tensor& lora_bias,
                  const at::Tensor& xa, const at::Tensor& lora_B, float scaling, const at::Tensor& y) {
   const AqlmDims& d = w.d;
   const int64_t n_tokens = x.size(0);
   TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
                         x.size(1) == d.in_features() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
-  TORCH_INTERNAL_ASSERT(n_tokens >= 0 && n_tokens <= kDecodeMaxTokens);
+  TORCH_INTERNAL_ASSERT(n_tokens >= 0 && n_tokens <= kDecodeMaxRows);
   TORCH_INTERNAL_ASSERT(y.is_contiguous() && y.size(0) == n_tokens && y.size(1) == d.out_features());
   TORCH_INTERNAL_ASSERT(!bias.defined() || bias.is_contiguous());
   TORCH_INTERNAL_ASSERT(!lora_bias.defined() || lora_bias.is_contiguous());
@@ -326,13 +350,13 @@ void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias
   a.y = y.data_ptr();
   a.y_kind = float_kind(y.scalar_type());
 
+  TORCH_INTERNAL_ASSERT(kernel != Kernel::kTiledGemm);
+  // WeightRef holds codebooks 16-byte aligned (aligned_contiguous), as the ig-8 kernels need.
+  TORCH_INTERNAL_ASSERT(kernel == Kernel::kGemvGeneric ||
+                        reinterpret_cast<uintptr_t>(w.codebooks.data_ptr()) % 16 == 0);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int64_t rows = d.out_features();
-  const bool ig8 = d.in_group == 8 && reinterpret_cast<uintptr_t>(w.codebooks.data_ptr()) % 16 == 0;
-  const int64_t smem_bytes =
-      d.num_codebooks * d.codebook_size * d.out_group * 8 * static_cast<int64_t>(sizeof(float));
-  const bool smem_fits = smem_bytes <= static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  const int64_t smem_bytes = gemv_shared_bytes(d);
   constexpr int64_t kDefaultSmem = 48 * 1024;  // above this a kernel must opt in
 
   dispatch_float_single(w.codebooks.scalar_type(), "codebooks", [&](auto cb_tag) {
@@ -341,16 +365,16 @@ void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias
       using code_t = decltype(code_tag);
       dispatch_nt(n_tokens, [&](auto nt_tag) {
         constexpr int NT = decltype(nt_tag)::value;
-        if (ig8 && d.nbits <= 8 && smem_fits) {
-          auto kernel = gemv_ig8_smem_kernel<cb_t, code_t, NT>;
+        if (kernel == Kernel::kGemvSharedIg8) {
+          auto smem_kernel = gemv_ig8_smem_kernel<cb_t, code_t, NT>;
           if (smem_bytes > kDefaultSmem) {
-            C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+            C10_CUDA_CHECK(cudaFuncSetAttribute(smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(smem_bytes)));
           }
           // Fewer blocks than rows / 8: each block stages the codebooks once for several rows.
           const unsigned grid = grid_for(rows, kWarpsPerBlock, 2);
-          kernel<<<grid, kGemvThreads, static_cast<size_t>(smem_bytes), stream>>>(a);
-        } else if (ig8) {
+          smem_kernel<<<grid, kGemvThreads, static_cast<size_t>(smem_bytes), stream>>>(a);
+        } else if (kernel == Kernel::kGemvGlobalIg8) {
           const unsigned grid = grid_for(rows, kWarpsPerBlock, 8);
           if (d.num_codebooks == 1) {
             gemv_ig8_global_kernel<cb_t, code_t, NT, true><<<grid, kGemvThreads, 0, stream>>>(a);

@@ -2,6 +2,7 @@
 // path. Element i (row-major position) is kept when philox_uniform(seed, offset, i) >= p, with the
 // generator of csrc/common/philox.h, so the mask is bit-identical to the CPU kernels and reference.py.
 // One thread handles the 4 elements that share one Philox call (counter = i / 4).
+#include "common/dropout.h"
 #include "common/philox.h"
 #include "kernels.cuh"
 
@@ -30,16 +31,14 @@ __global__ void __launch_bounds__(kThreads)
   for_each_keep(numel, seed, offset, p, [&](int64_t i, bool keep) { mask[i] = keep; });
 }
 
-// x * mask / (1 - p), computed like reference.apply_dropout: (x * 1.0 or 0.0) / (1 - p) in the
-// accumulation type (float32, float64 for float64 tensors).
+// x * mask / (1 - p) (common/dropout.h) in the accumulation type (float32, float64 for float64).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dropout_scale_kernel(T* __restrict__ data, int64_t numel, uint64_t seed, uint64_t offset, float p,
                          acc_type_t<T, T> one_minus_p) {
   using acc_t = acc_type_t<T, T>;
   for_each_keep(numel, seed, offset, p, [&](int64_t i, bool keep) {
-    const acc_t v = static_cast<acc_t>(data[i]) * (keep ? acc_t(1) : acc_t(0));
-    data[i] = to_out<T>(v / one_minus_p);
+    data[i] = to_out<T>(dropout_scaled(static_cast<acc_t>(data[i]), keep, one_minus_p));
   });
 }
 

@@ -23,10 +23,20 @@ void dequantize_tile(const WeightRef& w, int64_t row0, int64_t nrows, int64_t gr
 // Up to this many tokens use the decode GEMV kernels (which read each code once for all tokens);
 // more use dequantized tiles + cuBLAS. NOT YET MEASURED ON HARDWARE: 8 is a guess from the
 // design notes (decode is 1-8 tokens per call); tune it with benchmarks/bench_cuda.py.
-constexpr int64_t kDecodeMaxTokens = 8;
+constexpr int64_t kDecodeMaxRows = 8;
 
-// Whether the decode kernels handle these dtypes (no float64 variant; float64 takes tiles + cuBLAS).
-bool decode_supported(at::ScalarType input, at::ScalarType codebooks);
+// The kernel that computes x @ W^T (+ LoRA) for one call; the table is choose_kernel's comment in
+// decode.cu (and ARCHITECTURE.md).
+enum class Kernel {
+  kTiledGemm,      // dequantized tiles + cuBLAS (ops.cu)
+  kGemvSharedIg8,  // in_group 8, nbits <= 8: codebooks staged in shared memory
+  kGemvGlobalIg8,  // in_group 8, codebooks read from global memory
+  kGemvGeneric,    // any other group shape
+};
+
+// n_rows: rows of x; lora_decodable: no LoRA, or lora_A/lora_B in float32/16/bf16.
+Kernel choose_kernel(const AqlmDims& d, int64_t n_rows, at::ScalarType x, const at::Tensor& codebooks,
+                     bool lora_decodable);
 
 // xa[n, j] = sum_k dropout(x)[n, k] * lora_A[j, k] in float32. x: [N, in] float32 contiguous;
 // lora_A: [r, in] float32/float16/bfloat16 contiguous; xa: [N, r] float32 contiguous; xa_out:
@@ -35,11 +45,12 @@ void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p
                  const at::Tensor& xa, const at::Tensor& xa_out);
 
 // y[n, row] = x[n] . W[row] + bias[row] + scaling * (xa[n] . lora_B[row] + lora_bias[row]), one
-// warp per output row, every code read once for all N <= kDecodeMaxTokens tokens.
+// warp per output row, every code read once for all N <= kDecodeMaxRows tokens.
 // x: [N, in] float32, 16-byte aligned; w.scales, bias, lora_bias: contiguous, any float dtype,
 // bias/lora_bias may be undefined; xa: float32 [N, r] or undefined (no LoRA expand); lora_B:
 // [out, r] contiguous float32/16/bf16; y: [N, out] contiguous float32/16/bf16.
-void decode_gemv(const at::Tensor& x, const WeightRef& w, const at::Tensor& bias, const at::Tensor& lora_bias,
+void decode_gemv(Kernel kernel, const at::Tensor& x, const WeightRef& w, const at::Tensor& bias,
+                 const at::Tensor& lora_bias,
                  const at::Tensor& xa, const at::Tensor& lora_B, float scaling, const at::Tensor& y);
 
 // ---- dropout.cu ---------------------------------------------------------------------------------

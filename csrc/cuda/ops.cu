@@ -2,7 +2,7 @@
 // aqlm_lora/reference.py) and their one TORCH_LIBRARY_IMPL block.
 //
 // Strategy per call:
-//   * decode, 1 <= N <= kDecodeMaxTokens tokens, float32/16/bf16: GEMV kernels of decode.cu that
+//   * decode, 1 <= N <= kDecodeMaxRows tokens, float32/16/bf16: GEMV kernels of decode.cu that
 //     read every code once for all tokens; the LoRA shrink is one small kernel (dropout fused),
 //     the LoRA expand, bias and lora_bias are fused in the GEMV epilogue. With the conversion of
 //     x to float32 (skipped for float32 input), a call is 2 launches, 3 with LoRA.
@@ -133,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& input, const W
   const double s = lora != nullptr ? lora->scaling : 0.0;
   const bool lora_decodable =
       lora == nullptr || (is_single_or_half(lora->lora_A.scalar_type()) && is_single_or_half(lora->lora_B.scalar_type()));
-  const bool decode = n >= 1 && n <= kDecodeMaxTokens && in > 0 && out > 0 &&
-                      decode_supported(dt, w.codebooks.scalar_type()) && lora_decodable;
+  const Kernel kernel = choose_kernel(w.d, n, dt, w.codebooks, lora_decodable);
+  const bool decode = kernel != Kernel::kTiledGemm;
   at::Tensor y, xa;
   if (decode) {
     const at::Tensor xf = aligned_contiguous(x.to(at::kFloat));
@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& input, const W
       lora_B = lora->lora_B.contiguous();
     }
     y = at::empty({n, out}, x.options());
-    decode_gemv(xf, w, bias_c, lora_bias_c, xa_f, lora_B, static_cast<float>(s), y);
+    decode_gemv(kernel, xf, w, bias_c, lora_bias_c, xa_f, lora_B, static_cast<float>(s), y);
   } else {
     at::Tensor bias_g;  // bias + s * lora_bias, summed in the accumulation dtype, then x's dtype
     if (bias.has_value() || lora_bias.has_value()) {
