@@ -9,7 +9,8 @@ import torch
 import aqlm_lora
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
-from tests.support.weights import SCHEME_IDS, SCHEMES, assert_close_fp32, devices, random_weight
+from tests.support.tolerances import assert_close_fp32
+from tests.support.weights import SCHEME_IDS, SCHEMES, devices, random_weight
 
 device_p = pytest.mark.parametrize("device", devices())
 

@@ -9,13 +9,12 @@ import torch
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
 from tests.support.oracles import aqlm_dense, plain_linear, plain_lora, upcast
+from tests.support.tolerances import assert_close_fp32, assert_low_precision_ok
 from tests.support.weights import (
     DTYPE_IDS,
     DTYPES,
     SCHEME_IDS,
     SCHEMES,
-    assert_close_fp32,
-    assert_low_precision_ok,
     devices,
     random_weight,
 )

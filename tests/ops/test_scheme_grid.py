@@ -13,7 +13,8 @@ import torch
 
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
-from tests.support.weights import Scheme, assert_close_fp32, random_weight
+from tests.support.tolerances import assert_close_fp32
+from tests.support.weights import Scheme, random_weight
 
 IN_GROUPS = [1, 3, 4, 8, 16, 17, 32, 64]
 OUT_GROUPS = [1, 2, 3, 4]
