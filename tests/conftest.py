@@ -1,7 +1,9 @@
 import os
 
 # aqlm's numba CPU kernel races across threads and gives wrong numbers; pin it to one thread
-# before numba is imported anywhere (tests that run aqlm's own layer rely on this).
+# before numba is imported anywhere (tests that run aqlm's own layer rely on this). numba reads it
+# once, at import, and pytest imports this file before any test module: this is the one place the
+# tests set it.
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import importlib.util  # noqa: E402

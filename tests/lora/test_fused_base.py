@@ -2,32 +2,27 @@
 kernels without PEFT (inference, backward, ``generate()``) against the dense-dequantized model, and
 the patch undone exactly (also around aqlm's in-place code permutation and accelerate's hooks)."""
 
-import os
+import copy
+import pickle
 
-# aqlm's numba CPU kernel races across threads; numba reads this once, at import (conftest sets it too).
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+import aqlm
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
 
-import copy  # noqa: E402
-import pickle  # noqa: E402
-
-import aqlm  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
-
-import aqlm_lora  # noqa: E402
-from aqlm_lora.app import train  # noqa: E402
-from aqlm_lora.lora.fused_base import FusedKernels, on_fused_kernels, restore_aqlm_kernels, use_fused_kernels  # noqa: E402
-from tests.support.layers import (  # noqa: E402
+import aqlm_lora
+from aqlm_lora.app import train
+from aqlm_lora.lora.fused_base import FusedKernels, on_fused_kernels, restore_aqlm_kernels, use_fused_kernels
+from tests.support.layers import (
     TINY_LLAMA,
     Scheme,
-    assert_close_fp32,
     dense_weight,
     make_quantized_linear,
     tiny_aqlm_llama,
 )
+from tests.support.tolerances import assert_close_fp32
 
 LLAMA = TINY_LLAMA
 SCHEMES = {"1x16g8": Scheme(1, 16), "2x8g8": Scheme(2, 8)}

@@ -1,18 +1,13 @@
 """End to end with PEFT and transformers: dispatch, register, a tiny AQLM Llama loaded through
 transformers' AQLM integration, training against the dense model, and adapter save/load."""
 
-import os
+import math
+import warnings
 
-# aqlm's numba CPU kernel races across threads; numba reads this once, at import (conftest sets it too).
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-
-import math  # noqa: E402
-import warnings  # noqa: E402
-
-import aqlm  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from peft import (  # noqa: E402
+import aqlm
+import pytest
+import torch
+from peft import (
     EvaConfig,
     LoraConfig,
     PeftModel,
@@ -22,22 +17,22 @@ from peft import (  # noqa: E402
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
-from peft.tuners.lora import LoraModel  # noqa: E402
-from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import AqlmConfig, AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
+from peft.tuners.lora import LoraModel
+from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear
+from torch import nn
+from transformers import AqlmConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-import aqlm_lora  # noqa: E402
-from aqlm_lora import AqlmLoraLinear, dispatch_aqlm, register  # noqa: E402
-from aqlm_lora.lora.fused_base import on_fused_kernels  # noqa: E402
-from tests.support.layers import (  # noqa: E402
+import aqlm_lora
+from aqlm_lora import AqlmLoraLinear, dispatch_aqlm, register
+from aqlm_lora.lora.fused_base import on_fused_kernels
+from tests.support.layers import (
     TINY_LLAMA,
     Scheme,
-    assert_close_fp32,
     dense_weight,
     make_quantized_linear,
     tiny_aqlm_llama,
 )
+from tests.support.tolerances import assert_close_fp32
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA = TINY_LLAMA
