@@ -1,5 +1,6 @@
-"""Helpers for the layer and PEFT-integration tests: random AQLM layers, PEFT's own layer on a
-deterministic dense base (the oracle), gradient collection and the tolerance rule."""
+"""Helpers for the layer and PEFT-integration tests: random AQLM layers, our LoRA layer on them in
+the adapter setups the tests sweep, PEFT's own layer on a deterministic dense base (the oracle),
+gradient collection and a tiny AQLM Llama. The tolerance rules are in tests/support/tolerances.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from peft import LoraConfig
 from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear
 from torch import Tensor, nn
 
+from aqlm_lora import AqlmLoraLinear
 from tests.support.weights import SCHEME_IDS, SCHEMES, Scheme  # noqa: F401  (one scheme list for all tests)
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -82,6 +84,43 @@ def lora_config(**kwargs) -> LoraConfig:
     return LoraConfig(**defaults)
 
 
+# Adapter setups of lora_layer: one adapter; rsLoRA with a LoRA bias; two active adapters; two
+# adapters picked per row (adapter_names); adapters disabled.
+MODES = ["single", "rslora_bias", "multi", "mixed", "disabled"]
+
+
+def lora_layer(
+    scheme: Scheme, mode: str = "single", dtype: torch.dtype = torch.float32, bias: bool = True
+) -> AqlmLoraLinear:
+    """Our layer on a random AQLM layer (``mode`` one of MODES): adapter "a" (r=4, alpha=8) and, in
+    the multi and mixed modes, "b" (r=6, alpha=3); every LoRA bias is random, not zero."""
+    base = make_quantized_linear(scheme, bias=bias)
+    special = mode == "rslora_bias"
+    layer = AqlmLoraLinear(base, "a", r=4, lora_alpha=8, config=lora_config(use_rslora=special, lora_bias=special))
+    if mode in ("multi", "mixed"):
+        layer.update_layer("b", 6, lora_alpha=3, config=lora_config(r=6, lora_alpha=3, lora_bias=True))
+        with torch.no_grad():
+            layer.lora_B["b"].bias.normal_()
+    if special:
+        with torch.no_grad():
+            layer.lora_B["a"].bias.normal_()
+    if mode == "multi":
+        layer.set_adapter(["a", "b"])
+    if mode == "disabled":
+        layer.enable_adapters(False)
+    return layer.to(dtype)
+
+
+def dropout_layer(p: float) -> AqlmLoraLinear:
+    """Our layer on a 2x8 AQLM layer with adapter "a" (r=4, alpha=8, random LoRA bias) and LoRA dropout ``p``."""
+    layer = AqlmLoraLinear(
+        make_quantized_linear(SCHEMES[1]), "a", r=4, lora_alpha=8, config=lora_config(lora_dropout=p, lora_bias=True)
+    )
+    with torch.no_grad():
+        layer.lora_B["a"].bias.normal_()
+    return layer
+
+
 def peft_twin(ours: nn.Module, dtype: Optional[torch.dtype] = None, dense_base: bool = True) -> PeftAqlmLoraLinear:
     """PEFT's own AqlmLoraLinear with the same adapters and weights as ``ours``, on a copy of its base.
 
@@ -141,30 +180,6 @@ def run_with_grads(layer: nn.Module, x: Tensor, grad_out: Optional[Tensor] = Non
     grads = {"input": x.grad}
     grads.update({n: p.grad for n, p in adapter_params(layer).items()})
     return out.detach(), grads
-
-
-def assert_close_fp32(actual: Optional[Tensor], expected: Optional[Tensor], rtol: float = 2e-5, what: str = "") -> None:
-    """float32: max error within ``rtol`` of the expected tensor's scale (at least 1)."""
-    if expected is None or actual is None:
-        assert actual is None and expected is None, f"{what}: one gradient is None"
-        return
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    if expected.numel() == 0:
-        return
-    scale = max(1.0, expected.abs().max().item())
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol} * {scale:.3g}"
-
-
-def assert_low_precision_ok(actual: Tensor, plain: Tensor, exact: Tensor, what: str = "") -> None:
-    """Low precision: our error vs the fp32 reference is at most 2x plain PyTorch's at that dtype."""
-    assert actual.shape == exact.shape == plain.shape, (what, actual.shape, plain.shape, exact.shape)
-    if exact.numel() == 0:
-        return
-    ours = (actual.double() - exact.double()).abs().max().item()
-    theirs = (plain.double() - exact.double()).abs().max().item()
-    floor = 1e-6 * max(1.0, exact.abs().max().item())
-    assert ours <= 2 * theirs + floor, f"{what}: error {ours:.3g} > 2 x plain PyTorch's {theirs:.3g}"
 
 
 # A tiny Llama shared by the whole-model tests (PEFT integration, fused base).
