@@ -268,10 +268,7 @@ void decode_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows,
 
 #define AQLM_LORA_INSTANTIATE(acc_t, code_t) \
   template void decode_gemm<acc_t, code_t>(const Weight<acc_t, code_t>&, const acc_t*, int64_t, acc_t*);
-AQLM_LORA_INSTANTIATE(float, int8_t)
-AQLM_LORA_INSTANTIATE(float, int16_t)
-AQLM_LORA_INSTANTIATE(double, int8_t)
-AQLM_LORA_INSTANTIATE(double, int16_t)
+AQLM_LORA_FOR_EACH_WEIGHT_TYPE(AQLM_LORA_INSTANTIATE)
 #undef AQLM_LORA_INSTANTIATE
 
 }  // namespace aqlm_lora::cpu

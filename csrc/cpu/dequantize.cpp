@@ -56,10 +56,7 @@ void dequantize_tile(const Weight<acc_t, code_t>& w, int64_t o0, int64_t o1, int
 #define AQLM_LORA_INSTANTIATE(acc_t, code_t)                                                              \
   template void dequantize_tile<acc_t, code_t>(const Weight<acc_t, code_t>&, int64_t, int64_t, int64_t, \
                                                int64_t, acc_t*, int64_t);
-AQLM_LORA_INSTANTIATE(float, int8_t)
-AQLM_LORA_INSTANTIATE(float, int16_t)
-AQLM_LORA_INSTANTIATE(double, int8_t)
-AQLM_LORA_INSTANTIATE(double, int16_t)
+AQLM_LORA_FOR_EACH_WEIGHT_TYPE(AQLM_LORA_INSTANTIATE)
 #undef AQLM_LORA_INSTANTIATE
 
 }  // namespace aqlm_lora::cpu

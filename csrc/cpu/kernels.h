@@ -19,6 +19,10 @@ inline int64_t grain_for(int64_t work_per_item, int64_t min_work = kMinParallelW
   return std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_item));
 }
 
+// Calls M(acc_t, code_t) for every (accumulation, code) type pair the kernels are built for, to
+// instantiate the templates below once per pair.
+#define AQLM_LORA_FOR_EACH_WEIGHT_TYPE(M) M(float, int8_t) M(float, int16_t) M(double, int8_t) M(double, int16_t)
+
 // The AQLM weight in the accumulation type: codes [O, I, C], codebooks [C, K, og, ig], scales [O].
 template <typename acc_t, typename code_t>
 struct Weight {
