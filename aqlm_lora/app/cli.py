@@ -4,7 +4,7 @@
     aqlm-lora finetune MODEL_DIR --data FILE.{txt,jsonl} --out ADAPTER_DIR [--steps N ...] [--save-every N] [--resume]
     aqlm-lora eval MODEL_DIR [--adapter DIR] --data FILE.{txt,jsonl}
     aqlm-lora bench [ARGS for benchmarks/cpu/bench_linear.py]
-    aqlm-lora demo [--out ./aqlm_lora_demo]
+    aqlm-lora demo [--size small|medium] [--out DIR]
 
 Mistakes (missing paths, bad scheme, non-empty output directory, adapter of another model, a
 number flag that is not finite or out of its range, a wrong-typed config field, a truncated or
@@ -131,6 +131,7 @@ def _add_progress_args(p: argparse.ArgumentParser, unit: str, every: int) -> Non
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..quantize import SCHEME_GRAMMAR
+    from .cmd_demo import DEMO_OUT, DEMO_SIZES
     from .cmd_finetune import DEFAULT_STEPS
     from .models import DTYPE_CHOICES
 
@@ -252,8 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--full", action="store_true", help="run the whole sweep and update benchmarks/results")
 
-    p = sub.add_parser("demo", help="train a tiny Llama, quantize it to AQLM 2x8, recover with LoRA")
-    p.add_argument("--out", default="aqlm_lora_demo", metavar="DIR", help="output directory (default ./aqlm_lora_demo)")
+    p = sub.add_parser(
+        "demo",
+        help="train a Llama, quantize it to AQLM, recover with LoRA, measure (small: minutes; medium: longer)",
+        description="small (default): a 0.9M-parameter Llama on bytes, AQLM 2x8, LoRA, perplexity and step "
+        "times. medium: a ~23M-parameter Llama with its own BPE tokenizer, AQLM 2x8 and 1x16 each with LoRA, "
+        "and LoRA step time and peak memory of ours, PEFT's stock layer and dense PEFT LoRA.",
+    )
+    p.add_argument(
+        "--size", choices=DEMO_SIZES, default="small", help="which demo: small (default, minutes) or medium (longer)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"output directory (default ./{DEMO_OUT['small']}, or ./{DEMO_OUT['medium']} with --size medium)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--seed", type=_SEED, default=0, help="seed of the model, data order and LoRA (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
