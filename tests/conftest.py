@@ -59,6 +59,15 @@ def pytest_pycollect_makemodule(module_path, parent):
     return _OptionalDepsModule.from_parent(parent, path=module_path)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ``cuda`` marker on every case parametrized with device "cuda" (tests/support/weights.devices
+    adds it where a GPU and the CUDA kernels are there): ``-m cuda`` runs the GPU cases only."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and str(callspec.params.get("device", "")).startswith("cuda"):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

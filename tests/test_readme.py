@@ -20,6 +20,7 @@ def test_readme_has_examples():
     assert all(EXPECTED), "every README example must say what it prints ('# prints: ...')"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_example_prints_what_it_says(index, tmp_path):
     proc = subprocess.run(

@@ -127,6 +127,7 @@ def test_backward_grad_rows(w):
         )
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to mix devices")
 def test_device_mix(w):
     with pytest.raises(RuntimeError, match="input must be on cpu"):

@@ -51,6 +51,7 @@ def test_debug_fill_mode_keeps_ops_exact():
     ],
     ids=["scheme_grid", "ops", "nonfinite"],
 )
+@pytest.mark.slow
 def test_op_tests_pass_with_nan_filled_buffers(path, selection):
     proc = _pytest_child(path, selection, AQLM_LORA_DEBUG_FILL="nan")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

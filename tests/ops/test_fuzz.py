@@ -94,10 +94,12 @@ def summary(prop: str) -> str:
     )
 
 
+@pytest.mark.slow
 def test_fuzz_layer(capsys):
     run_property("layer", fuzz_property(layer_cases(), run_layer_case, EXAMPLES), capsys)
 
 
+@pytest.mark.slow
 def test_fuzz_nonfinite(capsys):
     """NaN/±Inf inputs, half as many examples as the layer property."""
     run_property("nonfinite", fuzz_property(nonfinite_cases(), run_nonfinite_case, max(1, EXAMPLES // 2)), capsys)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ],
     ids=["gemm", "lora_forward", "lora_backward", "scheme_grid"],
 )
+@pytest.mark.slow
 def test_generic_kernels_pass_op_tests(path, selection):
     env = dict(os.environ, AQLM_LORA_CPU_KERNELS="generic")
     proc = subprocess.run(
