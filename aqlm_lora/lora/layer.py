@@ -25,6 +25,9 @@ Behaviour worth knowing:
   The output has ``x``'s dtype, as the base AQLM layer's does. Under ``torch.autocast`` for
   ``x``'s device, ``x`` is cast to the autocast dtype first (the output then has that dtype, as
   ``F.linear`` under autocast would give).
+- DoRA (``use_dora=True``): PEFT's semantics, the row norms computed from the codes without a
+  dense weight (:mod:`aqlm_lora.lora.dora`); DoRA adapters also work in mixed batches
+  (``adapter_names=``), which PEFT refuses: each adapter's rows run on their own here.
 - ``merge()`` raises (adding a LoRA delta to ~2-bit codes cannot be exact); ``unmerge()`` warns.
 """
 
@@ -41,6 +44,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
 from .. import functional
+from .dora import AqlmDoraVariant, DoraNorms, dora_step
 from .fused_base import canonical_codes
 
 __all__ = ["AqlmLoraLinear", "canonical_codes"]
@@ -64,11 +68,8 @@ def _dense_init_name(init_lora_weights: Any) -> Optional[str]:
 
 def _check_supported(config: LoraConfig, cls_name: str) -> None:
     """Raise ValueError for options AQLM bases cannot support, saying why and what to do."""
-    if config.use_dora:
-        raise ValueError(
-            f"{cls_name} does not support DoRA (use_dora=True): DoRA needs the column norms of the dense "
-            "weight W + s*B@A at every step, and an AQLM layer stores only ~2-bit codes. Set use_dora=False."
-        )
+    if config.use_dora and config.lora_bias:  # LoraConfig refuses it too; a config edited afterwards may not be
+        raise ValueError(f"{cls_name}: lora_bias=True is not supported for DoRA (as in PEFT); pass use_dora=False")
     dense_init = _dense_init_name(config.init_lora_weights)
     if dense_init is not None:
         raise ValueError(
@@ -137,8 +138,8 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
             self.resolve_lora_variant(config=config)
         except ValueError as err:
             raise ValueError(
-                f"{type(self).__name__} implements plain LoRA only; this LoraConfig asks for a LoRA variant "
-                f"(DoRA, aLoRA, VeLoRA, MiCA, Arrow, BD-LoRA, MonteCLoRA, KaSA...): {err}"
+                f"{type(self).__name__} implements DoRA and otherwise plain LoRA only; this LoraConfig asks for "
+                f"another LoRA variant (aLoRA, VeLoRA, MiCA, Arrow, BD-LoRA, MonteCLoRA, KaSA...): {err}"
             ) from err
         orthogonal = config.init_lora_weights == "orthogonal"
         if orthogonal:  # PEFT's path probes the dense base weight first; init it ourselves afterwards
@@ -147,6 +148,34 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         if orthogonal:
             self.orthogonal_init(adapter_name)
+            if adapter_name in self.lora_variant:  # DoRA's magnitude starts from the final A and B
+                self.lora_variant[adapter_name].init(self, adapter_name=adapter_name)
+
+    @property
+    def lora_variants(self) -> dict:
+        return {(): None, ("use_dora",): AqlmDoraVariant}
+
+    @property
+    def dora_norms(self) -> DoraNorms:
+        """The cached DoRA norms of this layer (see :class:`~aqlm_lora.lora.dora.DoraNorms`)."""
+        norms = self.__dict__.get("_dora_norms")
+        if norms is None:
+            norms = self.__dict__["_dora_norms"] = DoraNorms()
+        return norms
+
+    def quantized_base(self) -> nn.Module:
+        """The ``aqlm.QuantizedLinear`` under this layer, also while merged (a dense copy then is the base layer)."""
+        quantized = self.__dict__.get("_quantized_base")
+        return quantized if quantized is not None else self.get_base_layer()
+
+    def quantized_weight(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(codes, codebooks, scales)`` of :meth:`quantized_base`, the codes in canonical layout."""
+        base = self.quantized_base()
+        return canonical_codes(base), base.codebooks, base.scales
+
+    def train(self, mode: bool = True):
+        self.dora_norms.clear_adapters()  # cached adapter norms live for one eval() stretch at most
+        return super().train(mode)
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
         # New adapters go to the codebooks' device; their dtype stays as created (float32), as with
@@ -203,11 +232,41 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
     def _lora_forward(self, x: Tensor, names: list[str]) -> Tensor:
-        """Base output plus the LoRA terms of ``names`` (all present in this layer) for input ``x``."""
-        base = self.get_base_layer()
-        codes, codebooks, scales, bias = canonical_codes(base), base.codebooks, base.scales, base.bias
+        """Base output plus the LoRA terms of ``names`` (all present in this layer) for input ``x``.
+
+        Adapters apply in order, as in PEFT: a DoRA adapter rescales the output so far. The plain
+        adapters before the first DoRA one share the fused call; the rest follow one by one.
+        """
+        weight, bias = self.quantized_weight(), self.get_base_layer().bias
         if not names:
-            return functional.aqlm_linear(x, codes, codebooks, scales, bias)
+            return functional.aqlm_linear(x, *weight, bias)
+        is_dora = [name in self.lora_magnitude_vector for name in names]
+        first_dora = is_dora.index(True) if any(is_dora) else len(names)
+        out = self._plain_forward(x, weight, bias, names[:first_dora]) if first_dora else None
+        for name in names[first_dora:]:
+            out = self._adapter_step(x, out, name, weight, bias)
+        return out.to(x.dtype)
+
+    def _adapter_step(
+        self, x: Tensor, out: Optional[Tensor], name: str, weight: tuple[Tensor, Tensor, Tensor], bias: Optional[Tensor]
+    ) -> Tensor:
+        """The output after adapter ``name`` given the output ``out`` before it (None: nothing yet, DoRA only)."""
+        lora_A, lora_B, scaling = self.lora_A[name].weight, self.lora_B[name], self.scaling[name]
+        dropout_p = self._dropout_p(name, self.training)
+        if name not in self.lora_magnitude_vector:
+            return out + functional.lora_delta(x, lora_A, lora_B.weight, scaling, dropout_p, lora_B.bias)
+        norms = self.dora_norms.row_norms(name, *weight, lora_A, lora_B.weight, scaling, cache=not self.training)
+        magnitude = self.lora_magnitude_vector[name].weight
+        scale = magnitude.to(norms.dtype) / norms
+        # Without a gradient for m, one scale per output row lets the rescaling ride in the fused call.
+        fold = weight[1].shape[2] == 1 and not (torch.is_grad_enabled() and magnitude.requires_grad)
+        return dora_step(out, x, weight, bias, lora_A, lora_B.weight, scaling, scale, dropout_p, fold)
+
+    def _plain_forward(
+        self, x: Tensor, weight: tuple[Tensor, Tensor, Tensor], bias: Optional[Tensor], names: list[str]
+    ) -> Tensor:
+        """Base output plus the plain LoRA adapters ``names``, grouped by dropout probability."""
+        codes, codebooks, scales = weight
         training = self.training
         groups: dict[float, list[str]] = {}
         for name in names:
@@ -229,6 +288,12 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         if torch.is_autocast_enabled(device_type) and x.is_floating_point():
             return torch.get_autocast_dtype(device_type)
         return None
+
+    def _check_forward_args(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
+        names = kwargs.get("adapter_names")
+        if names is not None:  # PEFT refuses DoRA in mixed batches; here each adapter's rows run apart, DoRA too
+            kwargs = {**kwargs, "adapter_names": ["__base__" if n in self.lora_magnitude_vector else n for n in names]}
+        super()._check_forward_args(x, *args, **kwargs)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self._check_forward_args(x, *args, **kwargs)

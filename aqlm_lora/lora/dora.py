@@ -1,0 +1,225 @@
+"""DoRA on an AQLM layer, computed from the codes: the row norms of ``W + s*B@A`` and the output terms.
+
+PEFT's DoRA (``peft.tuners.lora.dora.DoraLinearLayer``) rescales each output row ``o`` by
+``m_o / ||W_o + s (BA)_o||``, the norm treated as a constant in backward (detached). PEFT gets the
+norm from the dense weight; an AQLM layer has none, so the norm is expanded:
+
+    ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s sum_i (W A^T)_{o,i} B_{o,i} + s^2 sum_i (B (A A^T))_{o,i} B_{o,i}
+
+- ``||W_o||^2`` depends on the frozen codes only: one blocked pass of ``ops.dequantize`` over row
+  slices (never more than ``_BLOCK_ELEMENTS`` weights at a time), cached per layer and recomputed
+  when the codes, codebooks or scales change (their ``data_ptr``, ``_version``, dtype, device);
+- ``W A^T`` is one ``ops.aqlm_gemm`` with the ``r`` rows of ``A`` as tokens: one pass over the codes
+  for ``r`` tokens, the cost of the base matmul on ``r`` rows;
+- the last term is ``O(r^2 (in + out))`` dense work.
+
+A new op could not do better: ``||W_o||^2`` needs every weight once (one pass, done once per layer
+instead of per step) and ``W A^T`` is exactly the base matmul on ``r`` rows (one pass per step,
+fused with nothing else that reads the codes: the step's own base matmul reads ``x``, which the
+norm must not depend on). So the composed ops read the codes as often as one new kernel would.
+
+The forward mirrors PEFT's ``DoraLinearVariant.forward`` term for term (see :func:`dora_step`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners.lora.layer import LoraVariant
+from torch import Tensor, nn
+
+from .. import functional, ops
+from ..reference import dropout_scaled
+
+__all__ = ["AqlmDoraVariant", "DoraMagnitude", "DoraNorms", "dora_step", "lora_row_norms", "weight_row_sq_norms"]
+
+# At most this many dense weights exist at once while computing ||W_o||^2 (4 MiB in float32).
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.no_grad()
+def weight_row_sq_norms(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
+    """``||W_o||^2`` for every output row, in float32 (float64 for float64 codebooks), one block at a time."""
+    acc = _acc_dtype(codebooks)
+    books, scales = codebooks.detach().to(acc), scales.detach().to(acc)
+    out_group, in_features = codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
+    step = max(1, _BLOCK_ELEMENTS // (out_group * in_features))
+    parts = []
+    for start in range(0, codes.shape[0], step):
+        block = ops.dequantize(codes[start : start + step], books, scales[start : start + step])
+        parts.append(block.pow(2).sum(1))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def lora_row_norms(
+    codes: Tensor, codebooks: Tensor, scales: Tensor, weight_sq: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
+) -> Tensor:
+    """``||W_o + scaling * (B A)_o||`` for every output row (detached), from ``weight_sq = ||W_o||^2``."""
+    acc = _acc_dtype(codebooks, lora_A, lora_B)
+    a, b = lora_A.detach().to(acc), lora_B.detach().to(acc)
+    wa = ops.aqlm_gemm(a, codes, codebooks.detach(), scales.detach(), None)  # [r, out] = A W^T
+    cross = (wa.T * b).sum(1)
+    lora_sq = ((b @ (a @ a.T)) * b).sum(1)
+    squared = weight_sq.to(acc) + (2.0 * scaling) * cross + (scaling * scaling) * lora_sq
+    return squared.clamp_min(0.0).sqrt()
+
+
+def _key(*tensors: Tensor) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
+
+
+class DoraNorms:
+    """The layer's cached norms (never part of the state dict).
+
+    ``||W_o||^2`` is cached for the layer's life, keyed on the codes, codebooks and scales. An
+    adapter's row norms are cached only outside training (inference), keyed on its ``A``, ``B``,
+    scaling and the base tensors; :meth:`clear_adapters` drops them (the layer does on ``train()``).
+    Keys read ``data_ptr`` and ``_version``: writes through ``.data`` (which bump no version)
+    are not seen until the next ``train()``/``eval()`` call.
+    """
+
+    def __init__(self) -> None:
+        self._weight: Optional[tuple[tuple, Tensor]] = None
+        self._adapters: dict[str, tuple[tuple, Tensor]] = {}
+
+    def weight_sq(self, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
+        key = _key(codes, codebooks, scales)
+        if self._weight is None or self._weight[0] != key:
+            self._weight = (key, weight_row_sq_norms(codes, codebooks, scales))
+        return self._weight[1]
+
+    def row_norms(
+        self,
+        name: str,
+        codes: Tensor,
+        codebooks: Tensor,
+        scales: Tensor,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        scaling: float,
+        cache: bool,
+    ) -> Tensor:
+        key = (_key(codes, codebooks, scales, lora_A, lora_B), float(scaling))
+        hit = self._adapters.get(name)
+        if cache and hit is not None and hit[0] == key:
+            return hit[1]
+        norms = lora_row_norms(
+            codes, codebooks, scales, self.weight_sq(codes, codebooks, scales), lora_A, lora_B, scaling
+        )
+        if cache:
+            self._adapters[name] = (key, norms)
+        else:
+            self._adapters.pop(name, None)
+        return norms
+
+    def clear_adapters(self) -> None:
+        self._adapters.clear()
+
+    def clear(self) -> None:
+        self._weight = None
+        self._adapters.clear()
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's magnitude vector ``m`` of one adapter, as ``weight`` (PEFT's state-dict key
+    ``lora_magnitude_vector.<adapter>.weight``, saved as ``...lora_magnitude_vector``)."""
+
+    def __init__(self, magnitude: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude, requires_grad=True)
+
+    def __repr__(self) -> str:
+        return "lora.dora." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}"
+
+
+class AqlmDoraVariant(LoraVariant):
+    """``use_dora=True`` on :class:`~aqlm_lora.lora.layer.AqlmLoraLinear`.
+
+    Only ``init`` is PEFT's business (``update_layer`` calls it): ``m`` starts as the row norms of
+    ``W + s*B@A``, as PEFT's. The layer computes the forward and merges itself.
+    """
+
+    def supports_lora_conversion(self) -> bool:
+        return False
+
+    @staticmethod
+    def init(module: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        base = module.quantized_base()
+        codes, codebooks, scales = module.quantized_weight()
+        lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        with torch.no_grad():
+            norms = module.dora_norms.row_norms(
+                adapter_name, codes, codebooks, scales, lora_A, lora_B, module.scaling[adapter_name], cache=False
+            )
+        dtype = torch.promote_types(base.codebooks.dtype, lora_A.dtype)
+        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(norms.to(dtype))
+
+    @staticmethod
+    def _unused(*args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("AqlmLoraLinear computes DoRA's forward and merge itself")
+
+    merge_safe = merge_unsafe = unmerge = forward = _unused
+
+
+def dora_step(
+    prev: Optional[Tensor],
+    x: Tensor,
+    weight: tuple[Tensor, Tensor, Tensor],
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    scale: Tensor,
+    dropout_p: float,
+    fold: bool = False,
+) -> Tensor:
+    """The layer output after one DoRA adapter, from the output ``prev`` before it (None: first adapter).
+
+    ``scale = m / ||W + s*B@A||`` per output row (the norm detached). PEFT's formula, with
+    ``u = xd W^T``, ``v = s (xd A^T) B^T`` and ``xd = dropout(x)``::
+
+        no dropout:  y = prev + (scale - 1) * (prev - bias) + scale * v   (= scale * (prev - bias + v) + bias)
+        dropout:     y = prev + (scale - 1) * u + scale * v               (the base recomputed on xd)
+
+    With ``prev`` None, ``prev = x W^T + bias``: without dropout base and LoRA come from one fused
+    call; with dropout ``x W^T`` and ``xd W^T`` come from one ``aqlm_gemm`` over both inputs stacked.
+
+    ``fold`` (no gradient wanted for ``scale``, one output row per AQLM scale): the first adapter's
+    ``scale`` goes into the scales and ``B`` instead, ``y = x (scale W)^T + bias + s (x A^T)(scale B)^T``,
+    so inference costs one fused call and nothing more.
+    """
+    codes, codebooks, scales = weight
+    if dropout_p == 0.0:
+        if prev is None and fold:
+            rows = scale.detach()
+            folded_B = (lora_B * rows[:, None]).to(lora_B.dtype)
+            return functional.aqlm_lora_linear(
+                x, codes, codebooks, scales * rows.view(-1, 1, 1, 1), bias, lora_A, folded_B, scaling
+            )
+        if prev is None:  # scale * (x W^T + v), the bias outside the fused call so it is not rescaled
+            lora = functional.aqlm_lora_linear(x, codes, codebooks, scales, None, lora_A, lora_B, scaling)
+        else:
+            unbiased = prev if bias is None else prev - bias
+            lora = unbiased + functional.lora_delta(x, lora_A, lora_B, scaling)
+        return lora * scale if bias is None else torch.addcmul(bias, lora, scale)
+    keep = ops.dropout_mask(x, dropout_p, functional.draw_seed())
+    xd = dropout_scaled(x.to(lora_A.dtype), keep, dropout_p)
+    v = ((xd @ lora_A.T) @ lora_B.T) * scaling
+    if prev is None:
+        dtype = torch.promote_types(x.dtype, xd.dtype)
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        both = functional.aqlm_linear(torch.cat([rows, xd.reshape(rows.shape).to(dtype)]), codes, codebooks, scales)
+        base, u = (part.reshape(v.shape) for part in both.split(rows.shape[0]))
+        prev = base if bias is None else base + bias
+    else:
+        u = functional.aqlm_linear(xd, codes, codebooks, scales)
+    return torch.addcmul(prev - u, u + v, scale)

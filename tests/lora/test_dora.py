@@ -1,0 +1,377 @@
+"""DoRA (``use_dora=True``) on AqlmLoraLinear against PEFT's DoRA on a dense nn.Linear holding the
+dequantized weight: outputs and every gradient (x, A, B, m), over the schemes, fp32 and bf16, with
+several adapters, mixed batches, rsLoRA and dropout (same mask); float64 gradcheck; the norms."""
+
+import os
+
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import warnings  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from aqlm_lora import AqlmLoraLinear, functional, ops  # noqa: E402
+from aqlm_lora.lora import dora  # noqa: E402
+from aqlm_lora.reference import dropout_scaled  # noqa: E402
+from tests.support.layers import (  # noqa: E402
+    DTYPE_IDS,
+    DTYPES,
+    IN_FEATURES,
+    OUT_FEATURES,
+    SCHEME_IDS,
+    SCHEMES,
+    dense_weight,
+    make_quantized_linear,
+)
+from tests.support.tolerances import assert_close_fp32, assert_low_precision_ok  # noqa: E402
+
+MODES = ["single", "rslora", "multi", "plain_first", "mixed", "disabled"]
+MIXED_NAMES = ["b", "a", "__base__", "p"]
+
+
+def dora_config(**kwargs) -> LoraConfig:
+    defaults = dict(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True)
+    defaults.update(kwargs)
+    return LoraConfig(**defaults)
+
+
+def _randomize(layer: AqlmLoraLinear, generator: torch.Generator) -> None:
+    """Magnitudes away from the norms (else m / ||W + sBA|| = 1 and DoRA's extra terms vanish)."""
+    with torch.no_grad():
+        for module in layer.lora_magnitude_vector.values():
+            module.weight.mul_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+
+
+def build(scheme, mode: str = "single", dtype: torch.dtype = torch.float32, dropout: float = 0.0) -> AqlmLoraLinear:
+    base = make_quantized_linear(scheme)
+    layer = AqlmLoraLinear(
+        base, "a", r=4, lora_alpha=8, config=dora_config(use_rslora=mode == "rslora", lora_dropout=dropout)
+    )
+    if mode in ("multi", "plain_first", "mixed"):
+        layer.update_layer("b", 6, lora_alpha=3, config=dora_config(r=6, lora_alpha=3, lora_dropout=dropout))
+        layer.update_layer("p", 3, lora_alpha=5, config=LoraConfig(r=3, lora_alpha=5, init_lora_weights=False))
+    _randomize(layer, torch.Generator().manual_seed(1))
+    if mode == "multi":
+        layer.set_adapter(["a", "p", "b"])  # DoRA first (fused), plain LoRA after it, DoRA on the sum
+    if mode == "plain_first":
+        layer.set_adapter(["p", "a"])
+    if mode == "disabled":
+        layer.enable_adapters(False)
+    return layer.to(dtype)
+
+
+def _config_of(layer: AqlmLoraLinear, name: str) -> LoraConfig:
+    dropout = layer.lora_dropout[name]
+    return LoraConfig(
+        r=layer.r[name],
+        lora_alpha=layer.lora_alpha[name],
+        lora_dropout=float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
+        use_rslora=layer.use_rslora[name],
+        use_dora=name in layer.lora_magnitude_vector,
+        lora_bias=layer.lora_bias[name],
+        init_lora_weights=False,
+    )
+
+
+def dense_twin(ours: AqlmLoraLinear, dtype: torch.dtype) -> PeftLinear:
+    """PEFT's dense LoRA/DoRA layer on ``nn.Linear(dequantized W)`` with ours' adapters, all in ``dtype``."""
+    base = ours.get_base_layer()
+    dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(dense_weight(base, dtype))
+        if base.bias is not None:
+            dense.bias.copy_(base.bias)
+    names = list(ours.lora_A)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = names[0]
+        config = _config_of(ours, first)
+        twin = PeftLinear(dense, first, config=config, r=ours.r[first], lora_alpha=ours.lora_alpha[first])
+        for name in names[1:]:
+            twin.update_layer(name, ours.r[name], lora_alpha=ours.lora_alpha[name], config=_config_of(ours, name))
+    state = {k: v for k, v in ours.state_dict().items() if not k.startswith("base_layer.")}
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("base_layer.") for k in missing), (missing, unexpected)
+    for module in (twin.lora_A, twin.lora_B, twin.lora_magnitude_vector):
+        module.to(dtype)
+    twin.set_adapter(list(ours.active_adapters))
+    twin.enable_adapters(not ours.disable_adapters)
+    return twin.train(ours.training)
+
+
+def trainable(layer: nn.Module) -> dict[str, Tensor]:
+    prefixes = ("lora_A.", "lora_B.", "lora_magnitude_vector.")
+    return {n: p for n, p in layer.named_parameters() if n.startswith(prefixes)}
+
+
+def run(layer: nn.Module, x: Tensor, grad_out: Tensor, **kwargs) -> tuple[Tensor, dict[str, Optional[Tensor]]]:
+    params = trainable(layer)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x, **kwargs)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), {"input": x.grad, **{n: p.grad for n, p in params.items()}}
+
+
+def oracle(ours: AqlmLoraLinear, x: Tensor, grad_out: Tensor, dtype: torch.dtype, mode: str):
+    """PEFT's dense layer; mixed batches (which PEFT refuses with DoRA) one row at a time."""
+    twin = dense_twin(ours, dtype)
+    x = x.to(dtype)
+    if mode != "mixed":
+        return run(twin, x, grad_out)
+    params = trainable(twin)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    outs, x_grads = [], []
+    for i, name in enumerate(MIXED_NAMES):
+        twin.enable_adapters(name != "__base__")
+        if name != "__base__":
+            twin.set_adapter(name)
+            for p in params.values():
+                p.requires_grad_(True)
+        xi = x[i : i + 1].detach().clone().requires_grad_(True)
+        out = twin(xi)
+        out.backward(grad_out[i : i + 1].to(out.dtype))
+        outs.append(out.detach())
+        x_grads.append(xi.grad)
+    return torch.cat(outs), {"input": torch.cat(x_grads), **{n: p.grad for n, p in params.items()}}
+
+
+def compare(out, grads, exact, plain, dtype) -> None:
+    exact_out, exact_grads = exact
+    assert out.dtype == dtype
+    assert grads.keys() == exact_grads.keys()
+    if dtype == torch.float32:
+        assert_close_fp32(out, exact_out, what="output")
+        for name, grad in grads.items():
+            assert_close_fp32(grad, exact_grads[name], what=name)
+        return
+    plain_out, plain_grads = plain
+    assert_low_precision_ok(out, plain_out, exact_out, what="output")
+    for name, grad in grads.items():
+        if exact_grads[name] is None:
+            assert grad is None and plain_grads[name] is None, name
+            continue
+        assert grad.dtype == dtype, name
+        assert_low_precision_ok(grad, plain_grads[name], exact_grads[name], what=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_matches_peft_dora(scheme, dtype, mode):
+    ours = build(scheme, mode, dtype)
+    x = torch.randn(4, 3, IN_FEATURES)
+    grad_out = torch.randn(4, 3, OUT_FEATURES)
+    kwargs = {"adapter_names": MIXED_NAMES} if mode == "mixed" else {}
+    out, grads = run(ours, x.to(dtype), grad_out, **kwargs)
+    if mode == "disabled":
+        assert all(g is None for n, g in grads.items() if n != "input")
+    exact = oracle(ours, x, grad_out, torch.float32, mode)
+    plain = oracle(ours, x, grad_out, dtype, mode) if dtype != torch.float32 else None
+    compare(out, grads, exact, plain, dtype)
+
+
+def _twin_output(ours: AqlmLoraLinear, x: Tensor, dtype: torch.dtype, mode: str) -> Tensor:
+    twin = dense_twin(ours, dtype)
+    x = x.to(dtype)
+    if mode != "mixed":
+        return twin(x)
+    outs = []
+    for i, name in enumerate(MIXED_NAMES):
+        twin.enable_adapters(name != "__base__")
+        if name != "__base__":
+            twin.set_adapter(name)
+        outs.append(twin(x[i : i + 1]))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("mode", ["single", "multi", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_inference_matches_peft_dora(scheme, dtype, mode):
+    """eval() under no_grad: the cached norms, and the first adapter's rescaling folded into the
+    scales and B (schemes with one output row per scale)."""
+    ours = build(scheme, mode, dtype).eval()
+    x = torch.randn(4, 3, IN_FEATURES)
+    kwargs = {"adapter_names": MIXED_NAMES} if mode == "mixed" else {}
+    with torch.no_grad():
+        out = ours(x.to(dtype), **kwargs)
+        assert torch.equal(ours(x.to(dtype), **kwargs), out), "the cached norms changed the output"
+        exact = _twin_output(ours, x, torch.float32, mode)
+        plain = _twin_output(ours, x, dtype, mode)
+    if dtype == torch.float32:
+        assert_close_fp32(out, exact, what="output")
+    else:
+        assert_low_precision_ok(out, plain, exact, what="output")
+
+
+def _masked_twin(twin: PeftLinear, masks: dict[str, Tensor], p: float) -> None:
+    """Give the twin's dropout modules our Philox masks (PEFT's nn.Dropout would draw its own)."""
+
+    class SameMask(nn.Module):
+        def __init__(self, keep: Tensor) -> None:
+            super().__init__()
+            self.keep = keep
+
+        def forward(self, x: Tensor) -> Tensor:
+            return dropout_scaled(x, self.keep, p)
+
+    for name, keep in masks.items():
+        twin.lora_dropout[name] = SameMask(keep)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["single", "two_dora"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_dropout_matches_peft_with_same_mask(scheme, dtype, multi):
+    """While training, PEFT recomputes the base on the dropped input for the DoRA term; so do we."""
+    p = 0.25
+    ours = build(scheme, "multi" if multi else "single", dtype, dropout=p).train()
+    if multi:
+        ours.set_adapter(["a", "b"])
+    x = torch.randn(4, 3, IN_FEATURES)
+    grad_out = torch.randn(4, 3, OUT_FEATURES)
+    names = list(ours.active_adapters)
+    torch.manual_seed(5)
+    masks = {name: ops.dropout_mask(x, p, functional.draw_seed()) for name in names}  # one draw per adapter, in order
+    torch.manual_seed(5)
+    out, grads = run(ours, x.to(dtype), grad_out)
+    results = []
+    for twin_dtype in (torch.float32, dtype):
+        twin = dense_twin(ours, twin_dtype)
+        _masked_twin(twin, masks, p)
+        results.append(run(twin, x.to(twin_dtype), grad_out))
+    compare(out, grads, results[0], results[1], dtype)
+    ours.eval()
+    assert (ours(x.to(dtype)) - out).abs().max() > 1e-3, "dropout had no effect while training"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("scheme", [SCHEMES[1], SCHEMES[5]], ids=str)
+def test_gradcheck_float64(scheme, dropout):
+    """First-order gradients of x, A, B and m in float64, the norm held constant (PEFT detaches it)."""
+    ours = build(scheme, "multi", dropout=dropout).to(torch.float64).train()
+    ours.set_adapter(["a", "p", "b"])
+    params = trainable(ours)
+    names = [n for n in params if n.split(".")[1] in ("a", "b", "p")]
+    fixed = {}
+    for name in ("a", "b"):
+        fixed[name] = ours.dora_norms.row_norms(name, *ours.quantized_weight(), *_ab(ours, name), cache=False)
+    ours.dora_norms.row_norms = lambda name, *args, **kwargs: fixed[name]
+
+    def f(x, *tensors):
+        torch.manual_seed(3)  # the same dropout masks at every evaluation
+        return torch.func.functional_call(ours, dict(zip(names, tensors)), (x,))
+
+    x = torch.randn(3, IN_FEATURES, dtype=torch.float64, requires_grad=True)
+    inputs = [x] + [params[n].detach().clone().requires_grad_(True) for n in names]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def _ab(layer: AqlmLoraLinear, name: str) -> tuple[Tensor, Tensor, float]:
+    return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_norms_equal_dense_norms_in_float64(scheme):
+    ours = build(scheme, "rslora").to(torch.float64)
+    weight = dense_weight(ours.get_base_layer(), torch.float64)
+    lora_A, lora_B, scaling = _ab(ours, "a")
+    expected = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
+    norms = ours.dora_norms.row_norms("a", *ours.quantized_weight(), lora_A, lora_B, scaling, cache=False)
+    assert norms.dtype == torch.float64
+    torch.testing.assert_close(norms, expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("init", [False, True, "gaussian", "orthogonal"], ids=str)
+def test_magnitude_starts_as_peft_does(init):
+    """m = ||W + s B A|| per row for the adapter's initial A and B, whatever the init."""
+    base = make_quantized_linear(SCHEMES[0])
+    layer = AqlmLoraLinear(base, "a", r=4, lora_alpha=8, config=dora_config(init_lora_weights=init))
+    lora_A, lora_B, scaling = _ab(layer, "a")
+    weight = dense_weight(base)
+    expected = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
+    assert_close_fp32(layer.lora_magnitude_vector["a"].weight.detach(), expected.detach(), what="m")
+    assert layer.lora_magnitude_vector["a"].weight.requires_grad
+
+
+def test_weight_norms_never_hold_more_than_one_block(monkeypatch):
+    base = make_quantized_linear(SCHEMES[5], in_features=64, out_features=160)
+    layer = AqlmLoraLinear(base, "a", r=4, config=dora_config())
+    seen = []
+    dequantize = ops.dequantize
+
+    def recording(codes, codebooks, scales):
+        out = dequantize(codes, codebooks, scales)
+        seen.append(out.numel())
+        return out
+
+    monkeypatch.setattr(dora, "_BLOCK_ELEMENTS", 64 * 20)
+    monkeypatch.setattr(dora.ops, "dequantize", recording)
+    layer.dora_norms.clear()
+    sq = layer.dora_norms.weight_sq(*layer.quantized_weight())
+    assert seen and max(seen) <= 64 * 20 and sum(seen) == 64 * 160
+    assert_close_fp32(sq, dense_weight(base).pow(2).sum(1))
+
+
+def test_norm_caches(monkeypatch):
+    """||W||^2 once per layer (again when the codebooks change); adapter norms cached in eval only."""
+    layer = build(SCHEMES[1]).eval()
+    calls = {"weight": 0, "adapter": 0}
+    weight_sq, row_norms = dora.weight_row_sq_norms, dora.lora_row_norms
+
+    def count(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(dora, "weight_row_sq_norms", count("weight", weight_sq))
+    monkeypatch.setattr(dora, "lora_row_norms", count("adapter", row_norms))
+    layer.dora_norms.clear()
+    x = torch.randn(5, IN_FEATURES)
+    first = layer(x)
+    assert torch.equal(layer(x), first)
+    assert calls == {"weight": 1, "adapter": 1}
+    with torch.no_grad():
+        layer.lora_B["a"].weight.mul_(2.0)  # an in-place change (an optimizer step) invalidates the adapter norms
+    changed = layer(x)
+    assert calls == {"weight": 1, "adapter": 2}
+    assert_close_fp32(changed, dense_twin(layer, torch.float32)(x).detach(), what="after B changed")
+    with torch.no_grad():
+        layer.get_base_layer().codebooks.mul_(0.5)
+    layer(x)
+    assert calls == {"weight": 2, "adapter": 3}
+    layer.train()
+    layer(x)
+    layer(x)
+    assert calls == {"weight": 2, "adapter": 5}, "training recomputes the adapter norms every step"
+
+
+def test_lora_bias_with_dora_is_refused():
+    base = make_quantized_linear(SCHEMES[0])
+    with pytest.raises(ValueError, match="lora_bias=True is not supported for DoRA"):
+        LoraConfig(r=4, use_dora=True, lora_bias=True)
+    config = dora_config()
+    config.lora_bias = True  # edited after the config's own check
+    with pytest.raises(ValueError, match="lora_bias=True is not supported for DoRA"):
+        AqlmLoraLinear(base, "a", r=4, config=config)
+
+
+def test_dora_state_dict_keys_are_peft_keys():
+    ours = build(SCHEMES[0], "multi")
+    twin = dense_twin(ours, torch.float32)
+    ours_keys = {k for k in ours.state_dict() if not k.startswith("base_layer.")}
+    twin_keys = {k for k in twin.state_dict() if not k.startswith("base_layer.")}
+    assert ours_keys == twin_keys
+    assert "lora_magnitude_vector.a.weight" in ours_keys and "lora_magnitude_vector.p.weight" not in ours_keys
