@@ -36,6 +36,10 @@ would switch every AQLM layer of the process (other models, PEFT's stock layer o
 against) and could not be undone for one model without undoing it for all. The wrapper's effect is
 limited to the model being adapted, by a registered config, and is undone per model with
 :func:`aqlm_lora.restore_aqlm_kernels`. Installing it is idempotent and takes a lock.
+
+The same first :func:`register` wraps ``LoraModel._unload_and_optionally_merge`` (what
+``merge_and_unload`` runs): for a model holding our layers it warns once about the model's growth
+and updates the AQLM quantization config (see :mod:`aqlm_lora.lora.merge`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from torch import nn
 
 from .fused_base import use_fused_kernels
 from .layer import AqlmLoraLinear
+from .merge import merging, update_quantization_config
 
 __all__ = ["all_linear_targets", "dispatch_aqlm", "register"]
 
@@ -190,3 +195,28 @@ def _install_injection_hook() -> None:
 
         inject_adapter._aqlm_lora_hook = True
         LoraModel.inject_adapter = inject_adapter
+        _install_unload_hook()
+
+
+def _install_unload_hook() -> None:
+    """Wrap ``LoraModel._unload_and_optionally_merge`` (``merge_and_unload``) once per process.
+
+    For a model holding our layers, a merge warns once with the model's growth instead of once per
+    layer (:func:`aqlm_lora.lora.merge.merging`) and the AQLM quantization config afterwards lists
+    the layers that became dense; any other model goes to PEFT untouched.
+    """
+    original = LoraModel._unload_and_optionally_merge
+    if getattr(original, "_aqlm_lora_hook", False):
+        return
+
+    @functools.wraps(original)
+    def unload(self, merge: bool = True, *args: Any, **kwargs: Any) -> Any:
+        if not merge or not any(isinstance(m, AqlmLoraLinear) for m in self.model.modules()):
+            return original(self, merge, *args, **kwargs)
+        with merging(self.model):
+            model = original(self, merge, *args, **kwargs)
+        update_quantization_config(model)
+        return model
+
+    unload._aqlm_lora_hook = True
+    LoraModel._unload_and_optionally_merge = unload

@@ -28,24 +28,26 @@ Behaviour worth knowing:
 - DoRA (``use_dora=True``): PEFT's semantics, the row norms computed from the codes without a
   dense weight (:mod:`aqlm_lora.lora.dora`); DoRA adapters also work in mixed batches
   (``adapter_names=``), which PEFT refuses: each adapter's rows run on their own here.
-- ``merge()`` raises (adding a LoRA delta to ~2-bit codes cannot be exact); ``unmerge()`` warns.
+- ``merge()`` swaps in a dense ``nn.Linear`` base holding the merged weight and keeps the AQLM layer
+  to put back on ``unmerge()`` (:mod:`aqlm_lora.lora.merge`).
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, Optional
 
 import aqlm
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from .. import functional
 from .dora import AqlmDoraVariant, DoraNorms, dora_step
 from .fused_base import canonical_codes
+from .merge import merge_layer, unmerge_layer
 
 __all__ = ["AqlmLoraLinear", "canonical_codes"]
 
@@ -198,14 +200,14 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         self.lora_B[adapter_name].weight = nn.Parameter(lora_B.contiguous().to(weight_B))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise NotImplementedError(
-            f"{type(self).__name__} cannot merge LoRA into an AQLM layer: W + s*B@A is not representable in "
-            "the ~2-bit codes, so merging would be inexact (it would need re-quantization). Keep the adapter "
-            "unmerged, or dequantize the model to dense nn.Linear layers and merge there."
-        )
+        """Merge the active adapters (or ``adapter_names``): the base layer becomes a dense ``nn.Linear``
+        holding ``W + s*B@A`` (DoRA: rescaled rows), in the codebooks' dtype; the AQLM layer is kept
+        aside for :meth:`unmerge`. Warns with the size it adds (see :mod:`aqlm_lora.lora.merge`)."""
+        merge_layer(self, check_adapters_to_merge(self, adapter_names), safe_merge)
 
     def unmerge(self) -> None:
-        warnings.warn(f"{type(self).__name__}: nothing to unmerge (AQLM layers are never merged).", stacklevel=2)
+        """Put the original ``aqlm.QuantizedLinear`` (the same object, untouched) back as the base layer."""
+        unmerge_layer(self)
 
     # -----------------------------------------------------------------------------------------
     # Forward.
@@ -317,7 +319,12 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
 
     def _dispatch(self, x: Tensor, adapter_names: Optional[list[str]]) -> Tensor:
         if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
             return self._lora_forward(x, [])
+        if self.merged:  # the dense base holds the merged adapters (mixed batches were refused above)
+            dense = self.get_base_layer()
+            return dense(x.to(dense.weight.dtype)).to(x.dtype)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names=adapter_names)
         present = [name for name in self.active_adapters if name in self.lora_A]
