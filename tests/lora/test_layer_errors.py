@@ -24,7 +24,6 @@ def test_codes_of_wrong_shape_are_refused():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"use_dora": True}, "does not support DoRA"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'.*dense base weight"),
         ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4'.*dense base weight"),
         ({"init_lora_weights": "olora"}, "init_lora_weights='olora'.*dense base weight"),
@@ -50,21 +49,7 @@ def test_refused_options(kwargs, match):
     plain = AqlmLoraLinear(base, "a", r=4, config=LoraConfig(r=4))
     with pytest.raises(ValueError, match=match):  # adding an adapter to an existing layer (PEFT's path)
         plain.update_layer("b", 4, lora_alpha=8, config=config)
-    if "use_dora" in kwargs:
-        with pytest.raises(ValueError, match=match):
-            AqlmLoraLinear(base, "a", r=4, use_dora=True)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
-
-
-def test_merge_refused_and_unmerge_warns():
-    ours = lora_layer(SCHEMES[1], "single")
-    with pytest.raises(NotImplementedError, match="not representable in the ~2-bit codes.*inexact"):
-        ours.merge()
-    with pytest.raises(NotImplementedError, match="inexact"):
-        ours.merge(safe_merge=True, adapter_names=["a"])
-    assert ours.merged_adapters == [] and not ours.merged
-    with pytest.warns(UserWarning, match="nothing to unmerge"):
-        ours.unmerge()
 
 
 def test_forward_rejects_extra_arguments():
