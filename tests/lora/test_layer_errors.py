@@ -1,5 +1,5 @@
 """What AqlmLoraLinear refuses, and how: codes of the wrong shape, PEFT options it cannot honour
-(DoRA, inits that need a dense base weight, aLoRA), merging, and extra forward arguments."""
+(inits that need a dense base weight, aLoRA), and extra forward arguments."""
 
 import copy
 import warnings
