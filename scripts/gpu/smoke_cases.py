@@ -13,7 +13,7 @@ from aqlm_lora.scheme import Scheme
 # Largest error allowed, relative to the largest |reference| value, per output dtype. The kernels
 # and the reference both accumulate in float32 (float64); what differs is rounding and summation
 # order, which stays within a few units in the last place of the output dtype. The one table of
-# the GPU check; the test suite's own bounds are in tests/support/weights.py.
+# the GPU check; the test suite's own bounds are in tests/support/tolerances.py.
 TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float64: 1e-10}
 DEFAULT_SMEM = 48 * 1024  # bytes of dynamic shared memory a kernel gets without opting in
 BOOK_ROW_BYTES_8BIT = 256 * 8 * 4  # one 8-bit codebook of in_group 8, staged as float32
