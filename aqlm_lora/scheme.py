@@ -55,17 +55,20 @@ class Scheme:
         text += f"g{self.in_group_size}" if self.in_group_size != 8 else ""
         return text + (f"o{self.out_group_size}" if self.out_group_size != 1 else "")
 
-    def aqlm_config(self, linear_weights_not_to_quantize: Iterable[str] = ()):
-        """The ``transformers.AqlmConfig`` of this scheme."""
-        from transformers import AqlmConfig
-
-        return AqlmConfig(
+    def aqlm_kwargs(self) -> dict[str, int]:
+        """The scheme in the argument names ``aqlm.QuantizedLinear`` and ``transformers.AqlmConfig`` share."""
+        return dict(
             in_group_size=self.in_group_size,
             out_group_size=self.out_group_size,
             num_codebooks=self.num_codebooks,
             nbits_per_codebook=self.nbits,
-            linear_weights_not_to_quantize=list(linear_weights_not_to_quantize),
         )
+
+    def aqlm_config(self, linear_weights_not_to_quantize: Iterable[str] = ()):
+        """The ``transformers.AqlmConfig`` of this scheme."""
+        from transformers import AqlmConfig
+
+        return AqlmConfig(**self.aqlm_kwargs(), linear_weights_not_to_quantize=list(linear_weights_not_to_quantize))
 
 
 SCHEME_GRAMMAR = (

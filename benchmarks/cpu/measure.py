@@ -113,10 +113,7 @@ def make_aqlm_layer(weight: AqlmWeight, dtype: torch.dtype):
     layer = aqlm.QuantizedLinear(
         weight.in_features,
         weight.out_features,
-        in_group_size=scheme.in_group_size,
-        out_group_size=scheme.out_group_size,
-        num_codebooks=scheme.num_codebooks,
-        nbits_per_codebook=scheme.nbits,
+        **scheme.aqlm_kwargs(),
         bias=False,
         dtype=dtype,
     )

@@ -37,10 +37,7 @@ def make_quantized_linear(
     layer = aqlm.QuantizedLinear(
         in_features,
         out_features,
-        scheme.in_group_size,
-        scheme.out_group_size,
-        scheme.num_codebooks,
-        scheme.nbits,
+        **scheme.aqlm_kwargs(),
         bias=bias,
         device="cpu",
         dtype=dtype,
