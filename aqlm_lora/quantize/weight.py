@@ -104,6 +104,7 @@ def quantize_weight(
     seed: int = 0,
     dtype: Optional[torch.dtype] = None,
     name: str = "weight",
+    warm_start: Optional[QuantizedWeight] = None,
 ) -> QuantizedWeight:
     """Quantize a dense ``[out, in]`` weight to AQLM tensors (see the module docstring).
 
@@ -112,9 +113,17 @@ def quantize_weight(
     lowers the error). ``dtype`` is the dtype of codebooks and scales (default: the weight's).
     ``ValueError`` (its message starts with ``name``) for an empty or non-finite weight, a shape the
     scheme does not split, or scales that ``dtype`` cannot hold; any finite magnitude is handled.
+
+    ``warm_start``: codes, codebooks and scales of this scheme and shape to start from instead of
+    the residual k-means (e.g. the AQLM weight an adapter was merged into): the scales are refitted
+    to ``weight`` by least squares, then the same ``rounds`` follow (``errors[0]`` is the error after
+    that refit). Starting near the answer, a round or two do what a fresh quantization needs
+    k-means and more rounds for.
     """
     scheme = parse_scheme(scheme)
     check_weight(weight, name)
+    if warm_start is not None:
+        _check_warm_start(warm_start, scheme, weight.shape, name)
     out_features, in_features = weight.shape
     og, ig, num_codebooks, size = scheme.out_group_size, scheme.in_group_size, scheme.num_codebooks, 2**scheme.nbits
     if in_features % ig or out_features % og:
@@ -146,16 +155,32 @@ def quantize_weight(
             return 0.0
         return float((recon.double() - w_groups.double()).norm()) / w_norm
 
-    x, gw = scaled_target()
-    # Residual k-means, one codebook at a time.
-    books = torch.zeros(num_codebooks, size, dim)
-    codes = torch.zeros(x.shape[0], num_codebooks, dtype=torch.int64)
-    residual = x.clone()
-    fit_weight = gw if float(gw.sum()) > 0 else torch.ones_like(gw)
-    for c in range(num_codebooks):
-        books[c] = kmeans(residual, size, weights=fit_weight, iters=kmeans_iters, init=init, generator=generator)
-        codes[:, c], _ = nearest(residual, books[c])
-        residual -= books[c][codes[:, c]]
+    def fit_scales(recon: Tensor) -> Tensor:
+        """Least-squares scale per output group given the decoded (unscaled) groups ``recon``."""
+        decoded = recon.reshape(num_out, -1)
+        w_flat = w_groups.reshape(num_out, -1)
+        energy = decoded.pow(2).sum(1)
+        fitted = (w_flat * decoded).sum(1) / energy.clamp_min(1e-30)
+        return torch.where(energy > 0, fitted, scales)
+
+    if warm_start is not None:
+        books = warm_start.codebooks.detach().to("cpu", torch.float32).reshape(num_codebooks, size, dim).clone()
+        codes = unpack_codes(warm_start.codes.detach().cpu(), scheme.nbits).reshape(-1, num_codebooks)
+        # the codebooks fit W / (scale * 2**e): carry the stored scales into that frame, then refit them
+        scales = _times_power_of_two(warm_start.scales.detach().to("cpu", torch.float64).flatten(), -exponent).float()
+        scales = fit_scales(_decode(codes, books))
+        x, gw = scaled_target()
+    else:
+        x, gw = scaled_target()
+        # Residual k-means, one codebook at a time.
+        books = torch.zeros(num_codebooks, size, dim)
+        codes = torch.zeros(x.shape[0], num_codebooks, dtype=torch.int64)
+        residual = x.clone()
+        fit_weight = gw if float(gw.sum()) > 0 else torch.ones_like(gw)
+        for c in range(num_codebooks):
+            books[c] = kmeans(residual, size, weights=fit_weight, iters=kmeans_iters, init=init, generator=generator)
+            codes[:, c], _ = nearest(residual, books[c])
+            residual -= books[c][codes[:, c]]
     errors = [rel_error(codes, books)]
     logger.debug("quantize %s [%d, %d]: round 0 error %.5f", scheme, out_features, in_features, errors[0])
 
@@ -172,12 +197,7 @@ def quantize_weight(
             codes[:, c], _ = nearest(target, books[c])
             books[c] = _weighted_means(target, gw, codes[:, c], books[c])
             recon = (x - target) + books[c][codes[:, c]]
-        # Least-squares scale per output group given the decoded (unscaled) groups.
-        decoded = recon.reshape(num_out, -1)
-        w_flat = w_groups.reshape(num_out, -1)
-        energy = decoded.pow(2).sum(1)
-        fitted = (w_flat * decoded).sum(1) / energy.clamp_min(1e-30)
-        scales = torch.where(energy > 0, fitted, scales)
+        scales = fit_scales(recon)
         x, gw = scaled_target()
         errors.append(rel_error(codes, books))
         logger.debug("quantize %s: round %d error %.5f", scheme, rnd, errors[-1])
@@ -190,6 +210,24 @@ def quantize_weight(
         scheme=scheme,
         errors=errors,
     )
+
+
+def _check_warm_start(start: QuantizedWeight, scheme: Scheme, shape: torch.Size, name: str) -> None:
+    """The warm start must be of ``scheme`` and of the weight's shape."""
+    out_features, in_features = shape
+    og, ig, num_codebooks = scheme.out_group_size, scheme.in_group_size, scheme.num_codebooks
+    expected = {
+        "codes": (out_features // og, in_features // ig, num_codebooks),
+        "codebooks": (num_codebooks, 2**scheme.nbits, og, ig),
+        "scales": (out_features // og, 1, 1, 1),
+    }
+    for what, want in expected.items():
+        got = tuple(getattr(start, what).shape)
+        if got != want:
+            raise ValueError(
+                f"{name}: warm start {what} have shape {list(got)}, expected {list(want)} for scheme {scheme} "
+                f"and a [{out_features}, {in_features}] weight"
+            )
 
 
 def quantize_linear(linear: nn.Linear, scheme: Union[str, Scheme], **kwargs) -> tuple[nn.Module, list[float]]:

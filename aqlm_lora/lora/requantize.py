@@ -1,0 +1,123 @@
+"""``merge_and_quantize``: merge a PEFT model's adapters into its AQLM layers and re-quantize them.
+
+Each adapted layer's merged weight (:func:`aqlm_lora.lora.merge.merged_weight`: ``W + s*B@A``, DoRA's
+rows rescaled, LoRA biases added) is quantized again in the base layer's own scheme, warm-started
+from its codes, codebooks and scales (:func:`aqlm_lora.quantize.quantize_weight` with
+``warm_start``): no k-means, the scales refitted, then a few refinement rounds. The result is the
+unloaded transformers model with new ``aqlm.QuantizedLinear`` layers where adapters were, the same
+AQLM quantization config, and ``save_pretrained`` writes an AQLM checkpoint of it.
+
+Every scheme holds a merged DoRA adapter: its row rescaling folds into one scale per row exactly
+(``og == 1``) and is fitted like any other change of the weight otherwise. What an AQLM layer cannot
+hold is a LoRA bias where the base layer has no bias (the checkpoint's architecture has none): that
+is refused, before anything changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import aqlm
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ..quantize import QuantizedWeight, layer_scheme, quantize_weight
+from .fused_base import on_fused_kernels, use_fused_kernels
+from .layer import AqlmLoraLinear
+from .merge import merged_weight
+
+__all__ = ["merge_and_quantize"]
+
+logger = logging.getLogger("aqlm_lora")
+
+
+def _adapted_layers(model: nn.Module, adapter_names: Optional[list[str]]) -> tuple[nn.Module, dict]:
+    """The tuner (``LoraModel``) and ``{name in the transformers model: (layer, adapters to merge)}``."""
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    if not isinstance(tuner, BaseTuner):
+        raise TypeError(f"merge_and_quantize needs a PeftModel or LoraModel, got {type(model).__name__}")
+    inner = tuner.model
+    found = {}
+    for name, module in inner.named_modules():
+        if isinstance(module, AqlmLoraLinear):
+            wanted = adapter_names if adapter_names is not None else list(module.active_adapters)
+            names = [n for n in wanted if n in module.lora_A]
+            if module.merged:
+                raise ValueError(f"merge_and_quantize: layer {name} has merged adapters; unmerge() them first")
+            if names and not module.disable_adapters:
+                found[name] = (module, names)
+    return tuner, found
+
+
+def _requantized(name: str, layer: AqlmLoraLinear, adapters: list[str], **kwargs) -> tuple[nn.Module, list[float]]:
+    base = layer.quantized_base()
+    weight, bias = merged_weight(layer, adapters)
+    if bias is not None and base.bias is None:
+        raise ValueError(
+            f"merge_and_quantize: layer {name} has a LoRA bias (lora_bias=True) but its AQLM layer has no bias, "
+            "so the checkpoint cannot hold it; merge to a dense model instead (merge_and_unload)"
+        )
+    codes, codebooks, scales = layer.quantized_weight()
+    scheme = layer_scheme(base)
+    start = QuantizedWeight(codes, codebooks, scales, scheme)
+    q = quantize_weight(weight, scheme, dtype=codebooks.dtype, name=f"layer {name}", warm_start=start, **kwargs)
+    new = aqlm.QuantizedLinear(
+        base.in_features,
+        base.out_features,
+        in_group_size=scheme.in_group_size,
+        out_group_size=scheme.out_group_size,
+        num_codebooks=scheme.num_codebooks,
+        nbits_per_codebook=scheme.nbits,
+        bias=base.bias is not None,
+        dtype=codebooks.dtype,
+        device=codebooks.device,
+    )
+    device = codebooks.device
+    new.codes.data = q.codes.to(device)
+    new.codebooks.data = q.codebooks.to(device)
+    new.scales.data = q.scales.to(device)
+    if bias is not None:
+        new.bias.data = bias.to(device, codebooks.dtype)
+    return new.requires_grad_(False), q.errors
+
+
+def merge_and_quantize(
+    model: nn.Module,
+    *,
+    rounds: int = 2,
+    beam_size: int = 1,
+    adapter_names: Optional[list[str]] = None,
+    errors: Optional[dict[str, list[float]]] = None,
+) -> nn.Module:
+    """Merge the adapters of a PEFT model of AQLM layers and re-quantize the merged layers; returns the model.
+
+    ``model``: a ``PeftModel`` (or ``LoraModel``) built through :func:`aqlm_lora.register`. Every
+    :class:`~aqlm_lora.lora.layer.AqlmLoraLinear` with active adapters (or ``adapter_names``) gets
+    a new ``aqlm.QuantizedLinear`` of its base's scheme and dtype, fitted to its merged weight from
+    the base's codes (``rounds`` refinement rounds, ``beam_size`` as in
+    :func:`~aqlm_lora.quantize.quantize_weight`); then the adapters are unloaded. The returned model
+    is the base transformers model (``model`` itself is used up): its other AQLM layers and its
+    quantization config are unchanged, so ``save_pretrained`` writes an AQLM checkpoint.
+
+    ``errors``, if given, receives ``{layer name: ||W' - W_q|| / ||W'|| per round}`` for the merged
+    weights ``W'`` (round 0: the warm start after its scale refit). ``ValueError`` (nothing changed)
+    for a layer that cannot hold its adapter (a LoRA bias on a bias-less layer) or a merged layer.
+    """
+    tuner, layers = _adapted_layers(model, adapter_names)
+    if not layers:
+        raise ValueError("merge_and_quantize: no AQLM layer of this model has an active adapter to merge")
+    fused = any(on_fused_kernels(m) for m in tuner.model.modules() if isinstance(m, aqlm.QuantizedLinear))
+    new_layers = {}
+    for name, (layer, adapters) in layers.items():
+        new_layers[name], layer_errors = _requantized(name, layer, adapters, rounds=rounds, beam_size=beam_size)
+        if errors is not None:
+            errors[name] = layer_errors
+        logger.info("merge_and_quantize %s: relative error %s", name, " -> ".join(f"{e:.4f}" for e in layer_errors))
+    unloaded = tuner.unload()
+    for name, layer in new_layers.items():
+        unloaded.set_submodule(name, layer)
+    if fused:
+        use_fused_kernels(unloaded)
+    return unloaded
