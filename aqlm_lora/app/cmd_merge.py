@@ -1,0 +1,152 @@
+"""``aqlm-lora merge MODEL_DIR --adapter DIR --out OUT_DIR [--dense | --requantize]``: one deployable model.
+
+``--dense`` (the default): every layer becomes a dense ``nn.Linear`` (the adapted ones hold
+``W + s*B@A``, DoRA's rows rescaled), a plain checkpoint that loads without aqlm; exact, but several
+times bigger. ``--requantize``: the adapted layers are quantized again in the checkpoint's own
+scheme, warm-started from their codes (:func:`aqlm_lora.lora.requantize.merge_and_quantize`); an
+AQLM checkpoint of the same size, approximate.
+
+Refused before anything is written (:class:`~aqlm_lora.app.errors.UserError`): a missing model or
+adapter, a model without AQLM layers, an adapter whose shapes do not fit the model, an adapter with
+a LoRA bias on layers that have no bias (the checkpoint's architecture cannot hold it), OUT_DIR
+equal to an input or existing and not empty without ``--overwrite``. The output is written to a
+temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+MODES = ("dense", "requantize")
+
+
+def _int_in(low: int, high: int = 1000):
+    """argparse type: an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text}")
+        return value
+
+    return parse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``merge`` command to the CLI's subparsers; returns its parser."""
+    from .models import DTYPE_CHOICES
+
+    p = subparsers.add_parser(
+        "merge",
+        help="merge a LoRA/DoRA adapter into an AQLM model: a dense checkpoint, or a re-quantized AQLM one",
+        description="Merge a PEFT adapter into the AQLM model it was trained on. --dense (default): every layer "
+        "dense, exact, loads without aqlm. --requantize: the adapted layers re-quantized in the model's scheme, "
+        "warm-started from their codes; same size as the AQLM model, approximate.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="local AQLM checkpoint the adapter was trained on")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory (LoRA or DoRA)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="where to write the merged checkpoint")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dense", dest="mode", action="store_const", const="dense", help="write a dense checkpoint (default)"
+    )
+    mode.add_argument(
+        "--requantize", dest="mode", action="store_const", const="requantize", help="write an AQLM checkpoint"
+    )
+    p.set_defaults(mode="dense")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="--dense: dtype of the dense weights (default: the checkpoint's codebooks' dtype)",
+    )
+    p.add_argument(
+        "--rounds", type=_int_in(0), default=2, help="--requantize: refinement rounds after the warm start (default 2)"
+    )
+    p.add_argument("--beam", type=_int_in(1), default=1, help="--requantize: beam width of the code search (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from ..lora.fused_base import use_fused_kernels
+    from ..lora.layer import AqlmLoraLinear
+    from ..lora.merge import dequantize_model, merge_and_unload, tensor_bytes
+    from ..lora.requantize import merge_and_quantize
+    from .adapters import load_adapter
+    from .errors import UserError
+    from .files import check_input_dir, check_output_dir, staged_dir
+    from .models import DTYPES, aqlm_layer_names, config_dtype, load_causal_lm, load_model_config
+    from .tokenizer_files import copy_tokenizer_files
+
+    model_dir = check_input_dir(args.model_dir, "model directory", must_contain="config.json")
+    adapter_dir = check_input_dir(args.adapter, "adapter directory", must_contain="adapter_config.json")
+    out_dir = check_output_dir(args.out, args.overwrite)
+    if out_dir.resolve() in (model_dir.resolve(), adapter_dir.resolve()):
+        raise UserError("--out must differ from MODEL_DIR and the adapter directory")
+    start = time.perf_counter()
+    # Load in the checkpoint's own dtype: the codebooks (and a re-quantized model) keep it.
+    model = load_causal_lm(model_dir, config_dtype(load_model_config(model_dir)) or torch.float32)
+    if not aqlm_layer_names(model):
+        raise UserError(f"{model_dir} has no AQLM layers; merge adapters of dense models with PEFT's merge_and_unload")
+    size_before = tensor_bytes(model)
+    use_fused_kernels(model)
+    peft_model = load_adapter(model, adapter_dir)
+    inner = peft_model.base_model.model
+    layers = {n: m for n, m in inner.named_modules() if isinstance(m, AqlmLoraLinear)}
+    if not layers:
+        raise UserError(f"adapter {adapter_dir} adapts no AQLM layer of {model_dir}")
+    _refuse_unholdable_bias(layers, adapter_dir)
+    errors: dict[str, list[float]] = {}
+    if args.mode == "requantize":
+        try:
+            merged = merge_and_quantize(peft_model, rounds=args.rounds, beam_size=args.beam, errors=errors)
+        except ValueError as exc:
+            raise UserError(f"cannot re-quantize {model_dir} with {adapter_dir}: {exc}") from None
+    else:
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the size is reported below, for the whole checkpoint
+            merged = merge_and_unload(peft_model, dtype)
+        dequantize_model(merged, dtype)
+    merged.eval()
+    with staged_dir(out_dir) as tmp:
+        merged.save_pretrained(str(tmp))
+        copy_tokenizer_files(model_dir, tmp)
+    _report(args, layers, errors, size_before, tensor_bytes(merged), out_dir, time.perf_counter() - start)
+    return 0
+
+
+def _refuse_unholdable_bias(layers: dict, adapter_dir) -> None:
+    from .errors import UserError
+
+    for name, layer in layers.items():
+        biased = [a for a in layer.lora_A if layer.lora_bias.get(a)]
+        if biased and layer.quantized_base().bias is None:
+            raise UserError(
+                f"adapter {adapter_dir} has a LoRA bias (lora_bias=True) on {name}, which has no bias in this "
+                "model's architecture: no checkpoint of it can hold the merged bias"
+            )
+
+
+def _report(args, layers: dict, errors: dict, before: int, after: int, out_dir, seconds: float) -> None:
+    dora = sum(bool(layer.lora_magnitude_vector) for layer in layers.values())
+    kind = f"{len(layers)} adapted layers ({dora} DoRA)"
+    mib = 1 << 20
+    if args.mode == "requantize":
+        first = sum(e[0] for e in errors.values()) / len(errors)
+        last = sum(e[-1] for e in errors.values()) / len(errors)
+        print(
+            f"re-quantized {kind} in their AQLM scheme, warm-started, {args.rounds} rounds: relative error to the "
+            f"merged weights {first:.4f} -> {last:.4f} (mean over layers)"
+        )
+    else:
+        print(f"merged {kind}; every layer is now dense")
+    print(f"saved to {out_dir}: {before / mib:.1f} MiB -> {after / mib:.1f} MiB of weights ({seconds:.1f} s)")

@@ -1,0 +1,185 @@
+"""The ``merge`` command (aqlm_lora/app/cmd_merge.py), through its own parser: --dense, --requantize,
+and what it refuses without writing anything."""
+
+import os
+
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import aqlm  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+import aqlm_lora  # noqa: E402
+from aqlm_lora.app import cmd_merge  # noqa: E402
+from aqlm_lora.app.errors import UserError  # noqa: E402
+from tests.support.layers import TINY_LLAMA  # noqa: E402
+from tests.support.tolerances import assert_close_fp32  # noqa: E402
+
+IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="aqlm-lora")
+    sub = parser.add_subparsers(dest="command")
+    cmd_merge.add_parser(sub)
+    return parser.parse_args(["merge", *map(str, argv)])
+
+
+def merge(*argv) -> int:
+    return cmd_merge.run(parse(*argv))
+
+
+def _tiny(hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "hidden_size": hidden}))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _save_adapter(model_dir: Path, out: Path, **config) -> torch.Tensor:
+    """Train-free adapter with non-zero B (and m) on the AQLM model; returns the unmerged logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    aqlm_lora.use_fused_kernels(model)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **config)
+    peft_model = get_peft_model(model, aqlm_lora.register(config))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.05)
+    peft_model.save_pretrained(str(out))
+    return _logits(peft_model.eval())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge_cli")
+    model = _tiny()
+    model.save_pretrained(str(root / "dense"))
+    aqlm_lora.quantize_model(model, "2x8", progress=False, rounds=1, kmeans_iters=2)
+    model.save_pretrained(str(root / "aqlm"))
+    expected = {
+        "lora": _save_adapter(root / "aqlm", root / "lora"),
+        "dora": _save_adapter(root / "aqlm", root / "dora", use_dora=True),
+    }
+    _save_adapter(root / "aqlm", root / "biased", lora_bias=True)
+    other = _tiny(hidden=32)
+    aqlm_lora.quantize_model(other, "2x8", progress=False, rounds=0, kmeans_iters=1)
+    other.save_pretrained(str(root / "other_aqlm"))
+    _save_adapter(root / "other_aqlm", root / "other_adapter")
+    return root, expected
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    aqlm_lora.use_fused_kernels(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_dense_merge_writes_a_plain_checkpoint_with_the_adapter_outputs(files, kind, capsys):
+    root, expected = files
+    out = root / f"out_dense_{kind}"
+    assert merge(root / "aqlm", "--adapter", root / kind, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert f"merged 6 adapted layers ({6 if kind == 'dora' else 0} DoRA); every layer is now dense" in printed
+    model = _load(out)
+    assert not any(isinstance(m, aqlm.QuantizedLinear) for m in model.modules())
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("k_proj", "q_proj")))
+    assert getattr(model.config, "quantization_config", None) is None
+    assert_close_fp32(_logits(model), expected[kind], what=f"dense merged {kind}")
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_requantize_writes_an_aqlm_checkpoint_close_to_the_adapter(files, kind, capsys):
+    root, expected = files
+    out = root / f"out_requantized_{kind}"
+    assert merge(root / "aqlm", "--adapter", root / kind, "--out", out, "--requantize", "--rounds", 1) == 0
+    assert "relative error to the merged weights" in capsys.readouterr().out
+    model = _load(out)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, aqlm.QuantizedLinear)
+    base = _logits(_load(root / "aqlm"))
+    ours = _logits(model)
+    # closer to the adapted model than the AQLM model it started from
+    assert (ours - expected[kind]).norm() < (base - expected[kind]).norm()
+    requantized = model.model.layers[0].self_attn.q_proj.codes
+    original = _load(root / "aqlm").model.layers[0].self_attn.q_proj.codes
+    assert requantized.shape == original.shape and requantized.dtype == original.dtype
+
+
+def _nothing_written(root: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(f".{out.name}.")], "a staging folder was left"
+
+
+@pytest.mark.parametrize(
+    "adapter, model, match",
+    [
+        ("other_adapter", "aqlm", "does not fit this model"),
+        # refused today by the adapter check in app/adapters.py (it reads lora_B.bias as a weight);
+        # test_lora_bias_without_a_base_bias_is_refused covers the merge command's own refusal
+        ("biased", "aqlm", "does not fit this model|has a LoRA bias .* no checkpoint of it can hold"),
+        ("missing", "aqlm", "adapter directory .*missing does not exist"),
+        ("lora", "dense", "has no AQLM layers"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["--dense", "--requantize"])
+def test_refusals_write_nothing(files, adapter, model, match, mode):
+    root, _ = files
+    out = root / f"refused_{adapter}_{model}_{mode.strip('-')}"
+    with pytest.raises(UserError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merge(root / model, "--adapter", root / adapter, "--out", out, mode)
+    _nothing_written(root, out)
+
+
+def test_lora_bias_without_a_base_bias_is_refused(files):
+    from aqlm_lora import AqlmLoraLinear
+
+    root, _ = files
+    peft_model = get_peft_model(_load(root / "aqlm"), aqlm_lora.register(LoraConfig(r=2, target_modules=["q_proj"])))
+    layers = {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, AqlmLoraLinear)}
+    cmd_merge._refuse_unholdable_bias(layers, root / "adapter")  # no LoRA bias: fine
+    name = "model.layers.0.self_attn.q_proj"
+    layers[name].lora_bias["default"] = True
+    with pytest.raises(UserError, match=f"has a LoRA bias .* on {name}, which has no bias"):
+        cmd_merge._refuse_unholdable_bias(layers, root / "adapter")
+
+
+def test_existing_output_needs_overwrite(files):
+    root, expected = files
+    out = root / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not empty .*--overwrite"):
+        merge(root / "aqlm", "--adapter", root / "lora", "--out", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="must differ"):
+        merge(root / "aqlm", "--adapter", root / "lora", "--out", root / "aqlm", "--overwrite")
+    assert merge(root / "aqlm", "--adapter", root / "lora", "--out", out, "--overwrite") == 0
+    assert not (out / "keep.txt").exists()
+    assert_close_fp32(_logits(_load(out)), expected["lora"], what="overwritten")
+
+
+def test_parser_rejects_both_modes_and_bad_numbers(capsys):
+    for argv in (["--dense", "--requantize"], ["--requantize", "--rounds", "-1"], ["--beam", "0"]):
+        with pytest.raises(SystemExit):
+            parse("m", "--adapter", "a", "--out", "o", *argv)
+    assert parse("m", "--adapter", "a", "--out", "o").mode == "dense"
+    assert parse("m", "--adapter", "a", "--out", "o", "--requantize").mode == "requantize"
