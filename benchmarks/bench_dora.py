@@ -72,15 +72,7 @@ def _layers(args: argparse.Namespace) -> dict[str, nn.Module]:
     lora_B = torch.randn(out_features, RANK, generator=g) * (0.1 / math.sqrt(RANK))
 
     def quantized() -> nn.Module:
-        layer = aqlm.QuantizedLinear(
-            in_features,
-            out_features,
-            in_group_size=scheme.in_group_size,
-            out_group_size=scheme.out_group_size,
-            num_codebooks=scheme.num_codebooks,
-            nbits_per_codebook=scheme.nbits,
-            bias=False,
-        )
+        layer = aqlm.QuantizedLinear(in_features, out_features, **scheme.aqlm_kwargs(), bias=False)
         with torch.no_grad():
             layer.codes.data = weight.codes.clone()
             layer.codebooks.copy_(weight.codebooks)

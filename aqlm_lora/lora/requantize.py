@@ -66,10 +66,7 @@ def _requantized(name: str, layer: AqlmLoraLinear, adapters: list[str], **kwargs
     new = aqlm.QuantizedLinear(
         base.in_features,
         base.out_features,
-        in_group_size=scheme.in_group_size,
-        out_group_size=scheme.out_group_size,
-        num_codebooks=scheme.num_codebooks,
-        nbits_per_codebook=scheme.nbits,
+        **scheme.aqlm_kwargs(),
         bias=base.bias is not None,
         dtype=codebooks.dtype,
         device=codebooks.device,

@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import copy  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import warnings  # noqa: E402
 
@@ -134,7 +135,8 @@ def test_merge_dtype_and_a_lora_bias_without_base_bias():
 # merge_and_unload on a model
 
 
-def tiny_model(dora: bool):
+@functools.lru_cache(maxsize=1)
+def _tiny_aqlm_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.support.layers import TINY_LLAMA
@@ -142,6 +144,13 @@ def tiny_model(dora: bool):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
     aqlm_lora.quantize_model(model, "2x8", progress=False, rounds=1, kmeans_iters=2)
+    return model
+
+
+def tiny_model(dora: bool):
+    """A PEFT model (register) of a tiny Llama quantized to 2x8 (done once), random adapters."""
+    model = copy.deepcopy(_tiny_aqlm_model())
+    torch.manual_seed(1)
     targets = ["q_proj", "v_proj", "down_proj"]
     config = LoraConfig(r=4, lora_alpha=8, use_dora=dora, target_modules=targets, init_lora_weights=False)
     peft_model = get_peft_model(model, aqlm_lora.register(config))
@@ -200,13 +209,7 @@ def test_merge_and_unload_in_another_dtype():
 
 
 def test_model_without_aqlm_left_drops_the_quantization_config():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.support.layers import TINY_LLAMA
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
-    aqlm_lora.quantize_model(model, "2x8", progress=False, rounds=0, kmeans_iters=1)
+    model = copy.deepcopy(_tiny_aqlm_model())
     config = aqlm_lora.register(LoraConfig(r=2, target_modules="all-linear"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
+import copy  # noqa: E402
 import warnings  # noqa: E402
 
 import aqlm  # noqa: E402
@@ -16,8 +17,7 @@ from aqlm_lora import AqlmLoraLinear  # noqa: E402
 from aqlm_lora.lora.merge import merged_weight  # noqa: E402
 from aqlm_lora.lora.requantize import merge_and_quantize  # noqa: E402
 from aqlm_lora.quantize import layer_scheme  # noqa: E402
-from tests.lora.test_merge import tiny_model  # noqa: E402
-from tests.support.layers import TINY_LLAMA  # noqa: E402
+from tests.lora.test_merge import _tiny_aqlm_model, tiny_model  # noqa: E402
 from tests.support.tolerances import assert_close_fp32  # noqa: E402
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -86,11 +86,7 @@ def test_dora_row_rescaling_requantizes_exactly():
 
 
 def _lora_bias_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
-    aqlm_lora.quantize_model(model, "2x8", progress=False, rounds=0, kmeans_iters=1)
+    model = copy.deepcopy(_tiny_aqlm_model())
     config = LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True)
     return get_peft_model(model, aqlm_lora.register(config))
 
