@@ -27,6 +27,7 @@ _LAZY = {
     "FusedKernels": "lora.fused_base",
     "parse_scheme": "scheme",
     "Scheme": "scheme",
+    "merge_and_quantize": "lora.requantize",
     "quantize_linear": "quantize",
     "quantize_model": "quantize",
 }
@@ -46,6 +47,7 @@ __all__ = [
     "FusedKernels",
     "Scheme",
     "parse_scheme",
+    "merge_and_quantize",
     "quantize_linear",
     "quantize_model",
 ]

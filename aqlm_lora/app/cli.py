@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--seed", type=_SEED, default=0, help="seed of the model, data order and LoRA (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    from .cmd_merge import add_parser as add_merge_parser
+
+    add_merge_parser(sub)
     return parser
 
 
@@ -282,6 +286,7 @@ COMMANDS = {
     "eval": "cmd_eval",
     "bench": "cmd_bench",
     "demo": "cmd_demo",
+    "merge": "cmd_merge",
 }
 
 
