@@ -30,7 +30,7 @@ from .errors import PROG, UserError, one_line
 from .files import check_input_dir, check_input_file, check_output_dir, staged_dir
 from .inputs import model_inputs
 from .models import DTYPES, aqlm_layer_names, check_seq, load_causal_lm, load_model_config
-from .progress import ProgressLog
+from .progress import LossLines, ProgressLog
 from .train import TrainSettings, enable_checkpointing, make_optimizer, settings_dict, train_steps
 from .train_state import OPTIMIZER_FILE, read_training_state, save_training
 
@@ -205,15 +205,11 @@ class _StepHook:
     """After each step: a progress line when due, a checkpoint every --save-every steps, stop on Ctrl-C."""
 
     def __init__(self, job: _FinetuneJob, log, stop) -> None:
-        self.job, self.log, self.stop = job, log, stop
-        self.logged = 0  # losses already summarised in a line
+        self.job, self.lines, self.stop = job, LossLines(log), stop
 
     def __call__(self, result) -> bool:
         step = result.global_step
-        if self.log.due(step):
-            recent = result.losses[self.logged :]
-            self.log.update(step, f"loss {sum(recent) / len(recent):.4f}")
-            self.logged = len(result.losses)
+        self.lines(result)
         every = self.job.args.save_every
         last = step == self.job.start + self.job.settings.steps  # the final save follows anyway
         if every and step % every == 0 and not last and not self.stop.requested:

@@ -22,7 +22,7 @@ import math
 import os
 import platform
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from .bpe import token_ids, train_bpe
 from .data import load_tokenizer, read_data
 from .demo import build_model
 from .demo_phases import (
+    KLToReference,
     Laps,
     finetune_lora,
     quantize_to,
@@ -91,7 +92,9 @@ class MediumConfig:
     timed_steps: int = 5
     timing_budget_s: float = 120.0
     timing_timeout_s: float = 1800.0
-    timed_kinds: tuple[str, ...] = field(default=("ours", "stock"))  # per scheme; then dense PEFT LoRA once
+    timed_kinds: tuple[str, ...] = ("ours", "stock")  # per scheme; then dense PEFT LoRA once
+    # A progress line every this many training steps (logs see them; a terminal also gets bars).
+    log_every: int = 25
 
 
 def load_average() -> str:
@@ -187,10 +190,11 @@ class _MediumRun:
             f"dense Llama: {cfg.layers} layers, hidden {cfg.hidden}, {self.n_params / 1e6:.1f}M parameters; "
             f"training {cfg.dense_steps} steps of {cfg.batch}x{cfg.seq} tokens"
         )
-        self.dense_result = train_dense(model, self.train_tokens, cfg, self.seed, self.progress)
+        self.dense_result = train_dense(model, self.train_tokens, cfg, self.seed, self.progress, cfg.log_every)
         self.laps.lap("dense_training")
         model.save_pretrained(str(self.dense_dir))
         self.ppl["dense"] = perplexity(model, self.valid_tokens, cfg.seq)
+        self.reference = model  # what the quantized models' distributions are compared with
         self.laps.lap("dense_eval")
         say(
             f"dense: final train loss {self.dense_result.losses[-1]:.3f}, validation perplexity {self.ppl['dense']:.3f}"
@@ -208,22 +212,27 @@ class _MediumRun:
         copy_tokenizer_files(self.dense_dir, qdir)
         laps.lap(f"quantization_{scheme}")
         use_fused_kernels(model)
-        ppl_quant = perplexity(model, self.valid_tokens, cfg.seq)
+        kl_quant = KLToReference(self.reference)
+        ppl_quant = perplexity(model, self.valid_tokens, cfg.seq, on_logits=kl_quant)
         laps.lap(f"aqlm_{scheme}_eval")
         bits = stored_bits_per_weight(model)
         say(
             f"AQLM {scheme}: {quantized.summary()}; {bits:.2f} bits/weight stored; "
-            f"validation perplexity {ppl_quant:.3f}"
+            f"validation perplexity {ppl_quant:.3f}, KL to dense {kl_quant.value:.4f}"
         )
 
         teacher = self.dense_dir if cfg.distill else None
         peft_model, optimizer, settings, lora = finetune_lora(
-            model, qdir, self.train_tokens, cfg, self.seed, teacher, f"LoRA {scheme} (aqlm_lora)", self.progress
+            model, qdir, self.train_tokens, cfg, self.seed, teacher, f"LoRA {scheme}", self.progress, cfg.log_every
         )
         laps.lap(f"lora_{scheme}_training")
-        ppl_lora = perplexity(peft_model, self.valid_tokens, cfg.seq)
+        kl_lora = KLToReference(self.reference)
+        ppl_lora = perplexity(peft_model, self.valid_tokens, cfg.seq, on_logits=kl_lora)
         laps.lap(f"lora_{scheme}_eval")
-        say(f"AQLM {scheme} + LoRA r={cfg.r}: {cfg.lora_steps} steps, validation perplexity {ppl_lora:.3f}")
+        say(
+            f"AQLM {scheme} + LoRA r={cfg.r}: {cfg.lora_steps} steps, validation perplexity {ppl_lora:.3f}, "
+            f"KL to dense {kl_lora.value:.4f}"
+        )
         final = {
             "model_dir": str(self.out_dir / qdir.name),
             "data": str(self.out_dir / "data" / "train.txt"),
@@ -236,6 +245,8 @@ class _MediumRun:
             "perplexity": ppl_quant,
             "perplexity_lora": ppl_lora,
             "recovered_fraction_of_log_ppl_gap": share if math.isfinite(share) else None,
+            "kl_to_dense": kl_quant.value,
+            "kl_to_dense_lora": kl_lora.value,
             "stored_bits_per_weight": bits,
             "quant_error_per_round": quantized.per_round,
             "quant_seconds": quantized.seconds,

@@ -23,7 +23,16 @@ from ..lora.fused_base import use_fused_kernels
 from ..quantize import Scheme, mean_errors, quantize_model
 from .adapters import new_adapter
 from .models import load_causal_lm
-from .train import TrainResult, TrainSettings, cosine_schedule, make_optimizer, settings_dict, train_steps
+from .progress import LossLines, ProgressLog
+from .train import (
+    TrainResult,
+    TrainSettings,
+    cosine_schedule,
+    distillation_loss,
+    make_optimizer,
+    settings_dict,
+    train_steps,
+)
 from .train_state import save_training
 
 # Progress bar labels of the timed steps, by kind of LoRA layer.
@@ -60,7 +69,12 @@ class Laps:
         return f"total {total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()) + ")"
 
 
-def train_dense(model: nn.Module, tokens: Tensor, cfg, seed: int, progress: bool) -> TrainResult:
+def loss_lines(label: str, steps: int, every: int, tokens_per_step: int) -> Optional[Callable[[TrainResult], None]]:
+    """A step hook printing the mean loss every ``every`` steps (None for 0): logs see progress, not only terminals."""
+    return LossLines(ProgressLog(label, "step", 0, steps, every, tokens_per_step)) if every else None
+
+
+def train_dense(model: nn.Module, tokens: Tensor, cfg, seed: int, progress: bool, log_every: int = 0) -> TrainResult:
     """Train ``model`` from scratch on ``tokens``: AdamW, warm-up then cosine decay; left in eval mode."""
     settings = TrainSettings(
         steps=cfg.dense_steps,
@@ -79,6 +93,7 @@ def train_dense(model: nn.Module, tokens: Tensor, cfg, seed: int, progress: bool
         progress=progress,
         desc="dense",
         lr_schedule=cosine_schedule(cfg.dense_lr, cfg.dense_steps, warmup=DENSE_WARMUP),
+        on_step=loss_lines("dense", cfg.dense_steps, log_every, cfg.batch * cfg.seq),
     )
     model.eval()
     return result
@@ -125,7 +140,15 @@ def stored_bits_per_weight(model: nn.Module) -> float:
 
 
 def finetune_lora(
-    model: nn.Module, base_dir: Path, tokens: Tensor, cfg, seed: int, teacher_dir: Optional[Path], desc: str, progress
+    model: nn.Module,
+    base_dir: Path,
+    tokens: Tensor,
+    cfg,
+    seed: int,
+    teacher_dir: Optional[Path],
+    desc: str,
+    progress: bool,
+    log_every: int = 0,
 ):
     """LoRA (our fused layer) on the AQLM ``model``, distilled from ``teacher_dir`` when given.
 
@@ -139,7 +162,10 @@ def finetune_lora(
     )
     optimizer = make_optimizer(peft_model, settings)
     teacher = load_causal_lm(teacher_dir).eval() if teacher_dir is not None else None
-    result = train_steps(peft_model, tokens, settings, optimizer, progress=progress, desc=desc, teacher=teacher)
+    lines = loss_lines(desc, cfg.lora_steps, log_every, cfg.batch * cfg.seq)
+    result = train_steps(
+        peft_model, tokens, settings, optimizer, progress=progress, desc=desc, teacher=teacher, on_step=lines
+    )
     return peft_model, optimizer, settings, result
 
 
@@ -164,6 +190,29 @@ def save_adapter(
     config = json.loads(adapter_config.read_text())
     config["base_model_name_or_path"] = final["model_dir"]
     adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+class KLToReference:
+    """Mean ``KL(reference || model)`` of the next-token distributions, in nats per position.
+
+    Pass it as ``perplexity(..., on_logits=kl)``: it runs the reference on the same windows and
+    compares its distributions with the model's (the quantity LoRA distillation lowers).
+    """
+
+    def __init__(self, reference: nn.Module) -> None:
+        self.reference = reference
+        self.total, self.positions = 0.0, 0
+
+    @torch.no_grad()
+    def __call__(self, ids: Tensor, logits: Tensor) -> None:
+        kl = distillation_loss(logits, self.reference(input_ids=ids).logits)  # mean over the batch's positions
+        self.total += float(kl) * ids.numel()
+        self.positions += ids.numel()
+
+    @property
+    def value(self) -> float:
+        # KL >= 0; a sum of float32 terms over matching distributions can end a hair below
+        return max(0.0, self.total / self.positions) if self.positions else float("nan")
 
 
 def recovered(dense: float, quant: float, lora: float) -> float:

@@ -20,11 +20,13 @@ def mib(value: int | None) -> str:
 
 
 def perplexity_table(title: str, ppl_dense: float, per_scheme: dict[str, dict], cfg) -> str:
-    """Dense, then per scheme AQLM and AQLM + LoRA with the share of the lost log-perplexity it won back."""
+    """Dense, then per scheme AQLM and AQLM + LoRA: perplexity with the share of the lost log-perplexity
+    LoRA won back, and the KL divergence from the dense model's next-token distributions with the share
+    of it LoRA removed (what distillation lowers, also where perplexity lost nothing)."""
     lines = [
-        f"| model ({title}; validation split) | stored bits per weight | perplexity |",
-        "| --- | --- | --- |",
-        f"| dense fp32 | 32 | {ppl_dense:.3f} |",
+        f"| model ({title}; validation split) | stored bits per weight | perplexity | KL to dense (nats/token) |",
+        "| --- | --- | --- | --- |",
+        f"| dense fp32 | 32 | {ppl_dense:.3f} | 0 |",
     ]
     lora = f"LoRA r={cfg.r} ({cfg.lora_steps} steps{', distilled' if cfg.distill else ''})"
     for scheme, r in per_scheme.items():
@@ -34,8 +36,11 @@ def perplexity_table(title: str, ppl_dense: float, per_scheme: dict[str, dict], 
             note = f"AQLM {scheme} lost {100 * (math.exp(gap) - 1):+.2f}% perplexity: nothing to recover"
         else:
             note = f"recovers {100 * r['recovered_fraction_of_log_ppl_gap']:.0f}% of the log-perplexity lost"
-        lines.append(f"| AQLM {scheme} | {bits} | {r['perplexity']:.3f} |")
-        lines.append(f"| AQLM {scheme} + {lora} | {bits} + adapter | {r['perplexity_lora']:.3f} ({note}) |")
+        kl, kl_lora = r["kl_to_dense"], r["kl_to_dense_lora"]
+        removed = f" ({100 * (1 - kl_lora / kl):.0f}% less)" if kl > 0 else ""
+        lines.append(f"| AQLM {scheme} | {bits} | {r['perplexity']:.3f} | {kl:.4f} |")
+        ppl_lora = f"{r['perplexity_lora']:.3f} ({note})"
+        lines.append(f"| AQLM {scheme} + {lora} | {bits} + adapter | {ppl_lora} | {kl_lora:.4f}{removed} |")
     return "\n".join(lines)
 
 

@@ -52,6 +52,24 @@ class ProgressLog:
             write(self.line(position, fields))
 
 
+class LossLines:
+    """The lines of a training run: at each due step, the mean loss since the previous line.
+
+    Call it with the loop's result (``global_step``, ``losses``) after every step.
+    """
+
+    def __init__(self, log: ProgressLog) -> None:
+        self.log = log
+        self.logged = 0  # losses already summarised in a line
+
+    def __call__(self, result) -> None:
+        step = result.global_step
+        if self.log.due(step):
+            recent = result.losses[self.logged :]
+            self.log.update(step, f"loss {sum(recent) / len(recent):.4f}")
+            self.logged = len(result.losses)
+
+
 def write(line: str) -> None:
     """A line on stderr, above any progress bar, flushed (a log sees it at once)."""
     from tqdm.auto import tqdm

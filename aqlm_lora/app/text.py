@@ -130,11 +130,13 @@ def perplexity(
     *,
     labels: Optional[Tensor] = None,
     progress: Optional[Progress] = None,
+    on_logits: Optional[Callable[[Tensor, Tensor], None]] = None,
 ) -> float:
     """Per-token perplexity of a causal LM on consecutive windows of ``seq`` tokens.
 
     With ``labels`` (same shape as ``tokens``), only the tokens whose label is not
-    :data:`IGNORE` are scored (e.g. completions, not their prompts).
+    :data:`IGNORE` are scored (e.g. completions, not their prompts). ``on_logits(ids, logits)``
+    sees each batch of windows and the model's logits for them (to measure more in the same pass).
     """
     data = windows(tokens, seq)
     targets = windows(labels, seq) if labels is not None else data
@@ -148,7 +150,10 @@ def perplexity(
     try:
         for start in range(0, data.shape[0], batch):
             ids, target = data[start : start + batch], targets[start : start + batch, 1:]
-            logits = model(input_ids=ids).logits[:, :-1].float()
+            logits = model(input_ids=ids).logits
+            if on_logits is not None:
+                on_logits(ids, logits)
+            logits = logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum", ignore_index=IGNORE
             )

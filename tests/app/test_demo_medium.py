@@ -53,6 +53,7 @@ def test_medium_outputs(medium):
     assert all(1.0 < v < 1000 for v in results["perplexity"].values())
     for scheme in ("2x8", "1x16"):
         assert results["schemes"][scheme]["stored_bits_per_weight"] > 0
+        assert results["schemes"][scheme]["kl_to_dense"] >= 0 and results["schemes"][scheme]["kl_to_dense_lora"] >= 0
     assert results["machine"]["load_average_at_start"] and results["machine"]["load_average_at_end"]
 
 
@@ -148,11 +149,14 @@ def test_tables_name_failures_and_gaps():
         "2x8": {"perplexity": 12.0, "perplexity_lora": 11.0, "stored_bits_per_weight": 2.5},
         "1x16": {"perplexity": 10.01, "perplexity_lora": 10.0, "stored_bits_per_weight": 66.0},
     }
+    per_scheme["2x8"].update(kl_to_dense=0.2, kl_to_dense_lora=0.05)
+    per_scheme["1x16"].update(kl_to_dense=0.01, kl_to_dense_lora=0.01)
     per_scheme["2x8"]["recovered_fraction_of_log_ppl_gap"] = 0.48
     per_scheme["1x16"]["recovered_fraction_of_log_ppl_gap"] = 1.0
     table = perplexity_table("test", 10.0, per_scheme, cfg)
-    assert "| AQLM 2x8 | 2.50 | 12.000 |" in table and "| 11.000 (recovers 48% of the log-perplexity lost) |" in table
-    assert "10.000 (AQLM 1x16 lost +0.10% perplexity: nothing to recover)" in table
+    assert "| AQLM 2x8 | 2.50 | 12.000 | 0.2000 |" in table
+    assert "| 11.000 (recovers 48% of the log-perplexity lost) | 0.0500 (75% less) |" in table
+    assert "| 10.000 (AQLM 1x16 lost +0.10% perplexity: nothing to recover) | 0.0100 (0% less) |" in table
     timings = [
         {"base": "2x8", "kind": "ours", "layer": "AqlmLoraLinear", "step_seconds": 0.5},
         {"base": "2x8", "kind": "stock", "layer": "AqlmLoraLinear", "error": "RuntimeError: boom"},
