@@ -5,7 +5,7 @@
 One layer, fp32, rank 16. Every variant runs once per repeat, in an order rotated each repeat
 (interleaved, so a slow spell of a shared machine hits all of them), and the table shows medians:
 
-- forward (inference): ``eval()`` and ``no_grad``; our DoRA then reuses its cached row norms;
+- forward (inference): layers kept in ``eval()``, ``no_grad``; our DoRA then reuses its cached row norms;
 - forward (training mode): ``train()``, no grad; our DoRA recomputes its norms (one base matmul on r rows);
 - training step: forward and backward with gradients for ``x`` and every adapter tensor (A, B, and m for DoRA);
   with ``--dropout p`` DoRA runs the base matmul on ``x`` and on ``dropout(x)`` (PEFT's formula), LoRA once.
@@ -102,16 +102,19 @@ def _layers(args: argparse.Namespace) -> dict[str, nn.Module]:
     return layers
 
 
-def _jobs(layers: dict[str, nn.Module], n: int, in_features: int) -> dict[tuple[str, str], Callable[[], None]]:
+def _jobs(args: argparse.Namespace, in_features: int) -> dict[tuple[str, str], Callable[[], None]]:
+    """Inference runs on its own copies of the layers, kept in eval() (as a served model is); the
+    training-mode jobs share the others (train() drops our DoRA's cached norms, as it should)."""
+    layers, served = _layers(args), _layers(args)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, in_features, generator=g)
-    grad = torch.randn(n, next(iter(layers.values())).out_features, generator=g)
+    x = torch.randn(args.n, in_features, generator=g)
+    grad = torch.randn(args.n, next(iter(layers.values())).out_features, generator=g)
     jobs = {}
     for name, layer in layers.items():
         params = [p for p in layer.parameters() if p.requires_grad]
+        served[name].eval()
 
-        def inference(layer=layer):
-            layer.eval()
+        def inference(layer=served[name]):
             with torch.no_grad():
                 layer(x)
 
@@ -159,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     torch.set_num_threads(args.threads)
     out_features, in_features = _parse_shape(args.shape)
-    layers = _layers(args)
-    times = _measure(_jobs(layers, args.n, in_features), args.repeats, args.warmup)
+    jobs = _jobs(args, in_features)
+    layers = list(dict.fromkeys(name for name, _ in jobs))
+    times = _measure(jobs, args.repeats, args.warmup)
     medians = {key: statistics.median(values) for key, values in times.items()}
     what = list(dict.fromkeys(kind for _, kind in medians))
     title = f"{args.shape} AQLM {args.scheme}, fp32, N={args.n}, r={RANK}, dropout {args.dropout:g}"

@@ -79,9 +79,9 @@ class DoraNorms:
 
     ``||W_o||^2`` is cached for the layer's life, keyed on the codes, codebooks and scales. An
     adapter's row norms are cached only outside training (inference), keyed on its ``A``, ``B``,
-    scaling and the base tensors; :meth:`clear_adapters` drops them (the layer does on ``train()``).
+    scaling and the base tensors; :meth:`clear_adapters` drops them (the layer does on ``train(True)``).
     Keys read ``data_ptr`` and ``_version``: writes through ``.data`` (which bump no version)
-    are not seen until the next ``train()``/``eval()`` call.
+    are not seen until the next ``train()`` call.
     """
 
     def __init__(self) -> None:

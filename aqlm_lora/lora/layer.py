@@ -176,7 +176,8 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         return canonical_codes(base), base.codebooks, base.scales
 
     def train(self, mode: bool = True):
-        self.dora_norms.clear_adapters()  # cached adapter norms live for one eval() stretch at most
+        if mode:  # cached adapter norms (used outside training only) live for one eval() stretch at most
+            self.dora_norms.clear_adapters()
         return super().train(mode)
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):

@@ -21,9 +21,10 @@ from typing import Optional
 import aqlm
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
-from torch import nn
+from torch import Tensor, nn
 
 from ..quantize import QuantizedWeight, layer_scheme, quantize_weight
+from .codebook_tuning import teacher_log_probs, tune_codebooks
 from .fused_base import on_fused_kernels, use_fused_kernels
 from .layer import AqlmLoraLinear
 from .merge import merged_weight
@@ -87,6 +88,11 @@ def merge_and_quantize(
     beam_size: int = 1,
     adapter_names: Optional[list[str]] = None,
     errors: Optional[dict[str, list[float]]] = None,
+    calibration: Optional[Tensor] = None,
+    tune_steps: int = 100,
+    tune_lr: float = 1e-4,
+    tune_batch: int = 8,
+    losses: Optional[list[float]] = None,
 ) -> nn.Module:
     """Merge the adapters of a PEFT model of AQLM layers and re-quantize the merged layers; returns the model.
 
@@ -101,6 +107,12 @@ def merge_and_quantize(
     ``errors``, if given, receives ``{layer name: ||W' - W_q|| / ||W'|| per round}`` for the merged
     weights ``W'`` (round 0: the warm start after its scale refit). ``ValueError`` (nothing changed)
     for a layer that cannot hold its adapter (a LoRA bias on a bias-less layer) or a merged layer.
+
+    ``calibration`` (token windows ``[N, T]``): the weight fit treats every direction alike, so then
+    the new layers' codebooks and scales are tuned to the adapted model's outputs on these windows
+    (:func:`aqlm_lora.lora.codebook_tuning.tune_codebooks`: ``tune_steps`` Adam steps of
+    ``tune_batch`` windows at ``tune_lr``, codes fixed); ``losses`` receives the KL of each step.
+    The teacher's log-probabilities are kept for all windows (``N * T * vocab`` floats).
     """
     tuner, layers = _adapted_layers(model, adapter_names)
     if not layers:
@@ -112,9 +124,16 @@ def merge_and_quantize(
         if errors is not None:
             errors[name] = layer_errors
         logger.info("merge_and_quantize %s: relative error %s", name, " -> ".join(f"{e:.4f}" for e in layer_errors))
+    targets = None if calibration is None else teacher_log_probs(model, calibration, tune_batch)
     unloaded = tuner.unload()
     for name, layer in new_layers.items():
         unloaded.set_submodule(name, layer)
+    if targets is not None:
+        step_losses = tune_codebooks(
+            unloaded, list(new_layers.values()), calibration, targets, steps=tune_steps, lr=tune_lr, batch=tune_batch
+        )
+        if losses is not None:
+            losses.extend(step_losses)
     if fused:
         use_fused_kernels(unloaded)
     return unloaded
