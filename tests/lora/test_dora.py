@@ -2,33 +2,33 @@
 dequantized weight: outputs and every gradient (x, A, B, m), over the schemes, fp32 and bf16, with
 several adapters, mixed batches, rsLoRA and dropout (same mask); float64 gradcheck; the norms."""
 
-import os
+import warnings
+from typing import Optional
 
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+import pytest
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as PeftLinear
+from torch import Tensor, nn
 
-import warnings  # noqa: E402
-from typing import Optional  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from aqlm_lora import AqlmLoraLinear, functional, ops  # noqa: E402
-from aqlm_lora.lora import dora  # noqa: E402
-from aqlm_lora.reference import dropout_scaled  # noqa: E402
-from tests.support.layers import (  # noqa: E402
+from aqlm_lora import AqlmLoraLinear, functional, ops
+from aqlm_lora.lora import dora
+from aqlm_lora.reference import dropout_scaled
+from tests.support.layers import (
     DTYPE_IDS,
     DTYPES,
     IN_FEATURES,
     OUT_FEATURES,
     SCHEME_IDS,
     SCHEMES,
+    adapter_params,
     dense_weight,
     make_quantized_linear,
+    mixed_rows_oracle,
+    run_with_grads,
+    twin_of,
 )
-from tests.support.tolerances import assert_close_fp32, assert_low_precision_ok  # noqa: E402
+from tests.support.tolerances import assert_close_fp32, assert_low_precision_ok
 
 MODES = ["single", "rslora", "multi", "plain_first", "mixed", "disabled"]
 MIXED_NAMES = ["b", "a", "__base__", "p"]
@@ -65,19 +65,6 @@ def build(scheme, mode: str = "single", dtype: torch.dtype = torch.float32, drop
     return layer.to(dtype)
 
 
-def _config_of(layer: AqlmLoraLinear, name: str) -> LoraConfig:
-    dropout = layer.lora_dropout[name]
-    return LoraConfig(
-        r=layer.r[name],
-        lora_alpha=layer.lora_alpha[name],
-        lora_dropout=float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
-        use_rslora=layer.use_rslora[name],
-        use_dora=name in layer.lora_magnitude_vector,
-        lora_bias=layer.lora_bias[name],
-        init_lora_weights=False,
-    )
-
-
 def dense_twin(ours: AqlmLoraLinear, dtype: torch.dtype) -> PeftLinear:
     """PEFT's dense LoRA/DoRA layer on ``nn.Linear(dequantized W)`` with ours' adapters, all in ``dtype``."""
     base = ours.get_base_layer()
@@ -86,38 +73,17 @@ def dense_twin(ours: AqlmLoraLinear, dtype: torch.dtype) -> PeftLinear:
         dense.weight.copy_(dense_weight(base, dtype))
         if base.bias is not None:
             dense.bias.copy_(base.bias)
-    names = list(ours.lora_A)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        first = names[0]
-        config = _config_of(ours, first)
-        twin = PeftLinear(dense, first, config=config, r=ours.r[first], lora_alpha=ours.lora_alpha[first])
-        for name in names[1:]:
-            twin.update_layer(name, ours.r[name], lora_alpha=ours.lora_alpha[name], config=_config_of(ours, name))
-    state = {k: v for k, v in ours.state_dict().items() if not k.startswith("base_layer.")}
-    missing, unexpected = twin.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("base_layer.") for k in missing), (missing, unexpected)
-    for module in (twin.lora_A, twin.lora_B, twin.lora_magnitude_vector):
-        module.to(dtype)
-    twin.set_adapter(list(ours.active_adapters))
-    twin.enable_adapters(not ours.disable_adapters)
-    return twin.train(ours.training)
+        return twin_of(ours, PeftLinear, dense, dtype)
 
 
 def trainable(layer: nn.Module) -> dict[str, Tensor]:
-    prefixes = ("lora_A.", "lora_B.", "lora_magnitude_vector.")
-    return {n: p for n, p in layer.named_parameters() if n.startswith(prefixes)}
+    return adapter_params(layer)
 
 
 def run(layer: nn.Module, x: Tensor, grad_out: Tensor, **kwargs) -> tuple[Tensor, dict[str, Optional[Tensor]]]:
-    params = trainable(layer)
-    for p in params.values():
-        p.requires_grad_(True)
-        p.grad = None
-    x = x.detach().clone().requires_grad_(True)
-    out = layer(x, **kwargs)
-    out.backward(grad_out.to(out.dtype))
-    return out.detach(), {"input": x.grad, **{n: p.grad for n, p in params.items()}}
+    return run_with_grads(layer, x, grad_out, **kwargs)
 
 
 def oracle(ours: AqlmLoraLinear, x: Tensor, grad_out: Tensor, dtype: torch.dtype, mode: str):
@@ -126,23 +92,7 @@ def oracle(ours: AqlmLoraLinear, x: Tensor, grad_out: Tensor, dtype: torch.dtype
     x = x.to(dtype)
     if mode != "mixed":
         return run(twin, x, grad_out)
-    params = trainable(twin)
-    for p in params.values():
-        p.requires_grad_(True)
-        p.grad = None
-    outs, x_grads = [], []
-    for i, name in enumerate(MIXED_NAMES):
-        twin.enable_adapters(name != "__base__")
-        if name != "__base__":
-            twin.set_adapter(name)
-            for p in params.values():
-                p.requires_grad_(True)
-        xi = x[i : i + 1].detach().clone().requires_grad_(True)
-        out = twin(xi)
-        out.backward(grad_out[i : i + 1].to(out.dtype))
-        outs.append(out.detach())
-        x_grads.append(xi.grad)
-    return torch.cat(outs), {"input": torch.cat(x_grads), **{n: p.grad for n, p in params.items()}}
+    return mixed_rows_oracle(twin, x, grad_out, MIXED_NAMES)
 
 
 def compare(out, grads, exact, plain, dtype) -> None:

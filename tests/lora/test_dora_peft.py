@@ -1,22 +1,18 @@
 """DoRA through PEFT on a tiny AQLM Llama: get_peft_model, training, save/load, several adapters,
 disable_adapter, mixed batches, and the saved adapter in PEFT's own DoRA on the dequantized model."""
 
-import os
+import copy
 
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+import aqlm
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 
-import copy  # noqa: E402
-
-import aqlm  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from torch import nn  # noqa: E402
-
-import aqlm_lora  # noqa: E402
-from aqlm_lora import AqlmLoraLinear  # noqa: E402
-from tests.support.layers import SCHEMES, dense_weight, tiny_aqlm_llama  # noqa: E402
-from tests.support.tolerances import assert_close_fp32  # noqa: E402
+import aqlm_lora
+from aqlm_lora import AqlmLoraLinear
+from tests.support.layers import SCHEMES, dense_weight, tiny_aqlm_llama
+from tests.support.tolerances import assert_close_fp32
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -17,8 +17,8 @@ from tests.support.layers import (
     OUT_FEATURES,
     SCHEME_IDS,
     SCHEMES,
-    adapter_params,
     lora_layer,
+    mixed_rows_oracle,
     peft_twin,
     run_with_grads,
 )
@@ -33,24 +33,7 @@ def oracle(ours: nn.Module, x, grad_out, dtype, mode: str):
     x = x.to(dtype)
     if mode != "mixed":
         return run_with_grads(twin, x, grad_out)
-    outs, x_grads = [], []
-    params = adapter_params(twin)
-    for p in params.values():
-        p.grad = None
-    for i, name in enumerate(MIXED_NAMES):
-        twin.enable_adapters(name != "__base__")
-        if name != "__base__":
-            twin.set_adapter(name)
-        for p in params.values():
-            p.requires_grad_(True)
-        xi = x[i : i + 1].detach().clone().requires_grad_(True)
-        out = twin(xi)
-        out.backward(grad_out[i : i + 1].to(out.dtype))
-        outs.append(out.detach())
-        x_grads.append(xi.grad)
-    grads = {"input": torch.cat(x_grads)}
-    grads.update({n: p.grad for n, p in params.items()})
-    return torch.cat(outs), grads
+    return mixed_rows_oracle(twin, x, grad_out, MIXED_NAMES)
 
 
 @pytest.mark.parametrize("tokens", [1, 8], ids=["decode", "prefill"])

@@ -1,27 +1,23 @@
 """merge() / unmerge() on AqlmLoraLinear (a dense base swapped in, the AQLM layer put back untouched)
 and merge_and_unload on a PEFT model of our layers (dense nn.Linear layers, one size warning, LoRA and DoRA)."""
 
-import os
+import copy
+import functools
+import math
+import warnings
 
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+import aqlm
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
-import copy  # noqa: E402
-import functools  # noqa: E402
-import math  # noqa: E402
-import warnings  # noqa: E402
-
-import aqlm  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from torch import nn  # noqa: E402
-
-import aqlm_lora  # noqa: E402
-from aqlm_lora import AqlmLoraLinear  # noqa: E402
-from aqlm_lora.lora.merge import merge_and_unload  # noqa: E402
-from tests.lora.test_dora import build, dense_twin  # noqa: E402
-from tests.support.layers import IN_FEATURES, SCHEME_IDS, SCHEMES, lora_config, make_quantized_linear  # noqa: E402
-from tests.support.tolerances import assert_close_fp32  # noqa: E402
+import aqlm_lora
+from aqlm_lora import AqlmLoraLinear
+from aqlm_lora.lora.merge import merge_and_unload
+from tests.lora.test_dora import build, dense_twin
+from tests.support.layers import IN_FEATURES, SCHEME_IDS, SCHEMES, lora_config, make_quantized_linear
+from tests.support.tolerances import assert_close_fp32
 
 
 def lora_and_dora_layer(scheme) -> AqlmLoraLinear:

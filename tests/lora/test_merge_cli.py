@@ -1,25 +1,21 @@
 """The ``merge`` command (aqlm_lora/app/cmd_merge.py), through its own parser: --dense, --requantize,
 and what it refuses without writing anything."""
 
-import os
+import argparse
+import warnings
+from pathlib import Path
 
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+import aqlm
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
-import argparse  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import aqlm  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from torch import nn  # noqa: E402
-
-import aqlm_lora  # noqa: E402
-from aqlm_lora.app import cmd_merge  # noqa: E402
-from aqlm_lora.app.errors import UserError  # noqa: E402
-from tests.support.layers import TINY_LLAMA  # noqa: E402
-from tests.support.tolerances import assert_close_fp32  # noqa: E402
+import aqlm_lora
+from aqlm_lora.app import cmd_merge
+from aqlm_lora.app.errors import UserError
+from tests.support.layers import TINY_LLAMA
+from tests.support.tolerances import assert_close_fp32
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 

@@ -1,24 +1,20 @@
 """merge_and_quantize: adapters merged into AQLM layers re-quantized in the same scheme, warm-started."""
 
-import os
+import copy
+import warnings
 
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+import aqlm
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
 
-import copy  # noqa: E402
-import warnings  # noqa: E402
-
-import aqlm  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-
-import aqlm_lora  # noqa: E402
-from aqlm_lora import AqlmLoraLinear  # noqa: E402
-from aqlm_lora.lora.merge import merged_weight  # noqa: E402
-from aqlm_lora.lora.requantize import merge_and_quantize  # noqa: E402
-from aqlm_lora.quantize import layer_scheme  # noqa: E402
-from tests.lora.test_merge import _tiny_aqlm_model, tiny_model  # noqa: E402
-from tests.support.tolerances import assert_close_fp32  # noqa: E402
+import aqlm_lora
+from aqlm_lora import AqlmLoraLinear
+from aqlm_lora.lora.merge import merged_weight
+from aqlm_lora.lora.requantize import merge_and_quantize
+from aqlm_lora.quantize import layer_scheme
+from tests.lora.test_merge import _tiny_aqlm_model, tiny_model
+from tests.support.tolerances import assert_close_fp32
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 

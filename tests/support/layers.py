@@ -129,18 +129,21 @@ def peft_twin(ours: nn.Module, dtype: Optional[torch.dtype] = None, dense_base: 
         base.to(dtype)
     if dense_base:
         use_dense_forward(base)
+    return twin_of(ours, PeftAqlmLoraLinear, base, dtype)
+
+
+def twin_of(ours: nn.Module, layer_class: type, base: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """``layer_class`` (a PEFT LoRA layer) on ``base`` with ours' adapters, weights, active set and mode."""
     names = list(ours.lora_A.keys())
     first = names[0]
-    twin = PeftAqlmLoraLinear(
-        base, first, config=_config_of(ours, first), r=ours.r[first], lora_alpha=ours.lora_alpha[first]
-    )
+    twin = layer_class(base, first, config=config_of(ours, first), r=ours.r[first], lora_alpha=ours.lora_alpha[first])
     for name in names[1:]:
-        twin.update_layer(name, ours.r[name], lora_alpha=ours.lora_alpha[name], config=_config_of(ours, name))
+        twin.update_layer(name, ours.r[name], lora_alpha=ours.lora_alpha[name], config=config_of(ours, name))
     state = {k: v for k, v in ours.state_dict().items() if not k.startswith("base_layer.")}
     missing, unexpected = twin.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("base_layer.") for k in missing), (missing, unexpected)
     if dtype is not None:
-        for module in (twin.lora_A, twin.lora_B):
+        for module in (twin.lora_A, twin.lora_B, twin.lora_magnitude_vector):
             module.to(dtype)
     twin.set_adapter(list(ours.active_adapters))
     twin.enable_adapters(not ours.disable_adapters)
@@ -148,21 +151,24 @@ def peft_twin(ours: nn.Module, dtype: Optional[torch.dtype] = None, dense_base: 
     return twin
 
 
-def _config_of(layer: nn.Module, name: str) -> LoraConfig:
+def config_of(layer: nn.Module, name: str) -> LoraConfig:
+    """The LoraConfig that rebuilds adapter ``name`` of ``layer`` (LoRA or DoRA)."""
     dropout = layer.lora_dropout[name]
     return LoraConfig(
         r=layer.r[name],
         lora_alpha=layer.lora_alpha[name],
         lora_dropout=float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
         use_rslora=layer.use_rslora[name],
+        use_dora=name in layer.lora_magnitude_vector,
         lora_bias=layer.lora_bias[name],
         init_lora_weights=False,
     )
 
 
 def adapter_params(layer: nn.Module) -> dict[str, Tensor]:
-    """Trainable adapter tensors by state-dict name."""
-    return {n: p for n, p in layer.named_parameters() if n.startswith(("lora_A.", "lora_B."))}
+    """Trainable adapter tensors (A, B, DoRA's magnitudes) by state-dict name."""
+    prefixes = ("lora_A.", "lora_B.", "lora_magnitude_vector.")
+    return {n: p for n, p in layer.named_parameters() if n.startswith(prefixes)}
 
 
 def run_with_grads(layer: nn.Module, x: Tensor, grad_out: Optional[Tensor] = None, **kwargs):
@@ -177,6 +183,27 @@ def run_with_grads(layer: nn.Module, x: Tensor, grad_out: Optional[Tensor] = Non
     grads = {"input": x.grad}
     grads.update({n: p.grad for n, p in adapter_params(layer).items()})
     return out.detach(), grads
+
+
+def mixed_rows_oracle(twin: nn.Module, x: Tensor, grad_out: Tensor, names: list[str]):
+    """A mixed batch one row at a time: row ``i`` through ``twin`` with adapter ``names[i]`` alone
+    (``"__base__"``: adapters disabled); returns (out, {name: grad}) like :func:`run_with_grads`."""
+    params = adapter_params(twin)
+    for p in params.values():
+        p.grad = None
+    outs, x_grads = [], []
+    for i, name in enumerate(names):
+        twin.enable_adapters(name != "__base__")
+        if name != "__base__":
+            twin.set_adapter(name)
+        for p in params.values():  # set_adapter freezes the adapters it does not activate
+            p.requires_grad_(True)
+        xi = x[i : i + 1].detach().clone().requires_grad_(True)
+        out = twin(xi)
+        out.backward(grad_out[i : i + 1].to(out.dtype))
+        outs.append(out.detach())
+        x_grads.append(xi.grad)
+    return torch.cat(outs), {"input": torch.cat(x_grads), **{n: p.grad for n, p in params.items()}}
 
 
 # A tiny Llama shared by the whole-model tests (PEFT integration, fused base).
