@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -131,12 +132,17 @@ class StopOnInterrupt:
     """While active, the first Ctrl-C (SIGINT) only sets :attr:`requested`, so training can stop at
     the end of the current step and save a checkpoint; a second one interrupts at once.
 
-    Outside the main thread (where Python cannot install a handler) it does nothing.
+    ``same_within`` seconds: a second SIGINT that soon after the first counts as the same Ctrl-C.
+    Under torchrun a worker gets Ctrl-C twice, from the terminal and forwarded by the launcher.
+    ``quiet``: no message (ranks other than 0). Outside the main thread (where Python cannot
+    install a handler) it does nothing.
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, same_within: float = 0.0, quiet: bool = False) -> None:
         self.message = message
         self.requested = False
+        self.same_within, self.quiet = same_within, quiet
+        self._first = 0.0
         self._previous = None
 
     def __enter__(self) -> StopOnInterrupt:
@@ -151,8 +157,13 @@ class StopOnInterrupt:
 
     def _handle(self, signum: int, frame: Optional[object]) -> None:
         if self.requested:
+            if time.monotonic() - self._first < self.same_within:
+                return
             raise KeyboardInterrupt
         self.requested = True
+        self._first = time.monotonic()
+        if self.quiet:
+            return
         try:  # the raw descriptor: a handler may run in the middle of another write to sys.stderr
             os.write(2, (self.message + "\n").encode())
         except OSError:

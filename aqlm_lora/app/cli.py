@@ -184,7 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_float_in(0, 1, low_open=True), default=1e-3, help="AdamW learning rate, in (0, 1] (default 1e-3)"
     )
     p.add_argument("--warmup", type=_COUNT, default=0, help="linear warm-up steps (default 0)")
-    p.add_argument("--batch", type=_POSITIVE, default=8, help="sequences per step (default 8)")
+    p.add_argument(
+        "--batch",
+        type=_POSITIVE,
+        default=8,
+        help="sequences per step, over all processes under torchrun (each takes an equal share; default 8)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=_POSITIVE,
+        default=1,
+        metavar="N",
+        help="run each process's share of --batch as N micro-batches (gradient accumulation; default 1)",
+    )
     _add_seq_arg(p, "tokens per sequence")
     p.add_argument(
         "--seed", type=_SEED, default=0, help="seed of LoRA's initialisation, the batches and dropout (default 0)"
@@ -202,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         "next token, as AQLM's own fine-tuning does (same tokenizer and vocabulary)",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where to train (default cpu); under torchrun: cpu uses gloo, cuda NCCL with one GPU per process",
+    )
     p.add_argument(
         "--save-every",
         type=_COUNT,
