@@ -19,22 +19,9 @@ import argparse
 import time
 import warnings
 
+from .cli import _int_in
+
 MODES = ("dense", "requantize")
-
-
-def _int_in(low: int, high: int = 1000):
-    """argparse type: an integer in ``[low, high]``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text}")
-        return value
-
-    return parse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,9 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="--dense: dtype of the dense weights (default: the checkpoint's codebooks' dtype)",
     )
     p.add_argument(
-        "--rounds", type=_int_in(0), default=2, help="--requantize: refinement rounds after the warm start (default 2)"
+        "--rounds", type=_int_in(0, 1000), default=2, help="--requantize: refinement rounds after the warm start (default 2)"
     )
-    p.add_argument("--beam", type=_int_in(1), default=1, help="--requantize: beam width of the code search (default 1)")
+    p.add_argument("--beam", type=_int_in(1, 1000), default=1, help="--requantize: beam width of the code search (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     return p
 
