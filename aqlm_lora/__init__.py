@@ -28,6 +28,7 @@ _LAZY = {
     "parse_scheme": "scheme",
     "Scheme": "scheme",
     "merge_and_quantize": "lora.requantize",
+    "merge_and_unload": "lora.merge",
     "quantize_linear": "quantize",
     "quantize_model": "quantize",
 }
@@ -48,6 +49,7 @@ __all__ = [
     "Scheme",
     "parse_scheme",
     "merge_and_quantize",
+    "merge_and_unload",
     "quantize_linear",
     "quantize_model",
 ]
