@@ -179,3 +179,71 @@ def test_parser_rejects_both_modes_and_bad_numbers(capsys):
             parse("m", "--adapter", "a", "--out", "o", *argv)
     assert parse("m", "--adapter", "a", "--out", "o").mode == "dense"
     assert parse("m", "--adapter", "a", "--out", "o", "--requantize").mode == "requantize"
+
+
+@pytest.fixture(scope="module")
+def byte_files(tmp_path_factory):
+    """A tiny AQLM model with the demo's byte tokenizer, an adapter on it and a calibration text."""
+    from aqlm_lora.app.text import ByteTokenizer
+
+    root = tmp_path_factory.mktemp("merge_cli_bytes")
+    tokenizer = ByteTokenizer()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": tokenizer.vocab_size}))
+    aqlm_lora.quantize_model(model, "2x8", progress=False, rounds=0, kmeans_iters=2)
+    model.save_pretrained(str(root / "aqlm"))
+    tokenizer.save(root / "aqlm")
+    _save_adapter(root / "aqlm", root / "lora")
+    (root / "calibration.txt").write_text("def add(a, b):\n    return a + b\n" * 40)
+    return root
+
+
+def test_requantize_with_calibration_tunes_toward_the_adapted_model(byte_files, capsys):
+    root = byte_files
+    text = "class Point:\n    x: int\n    y: int\n" * 4
+    ids = torch.tensor([list(text.encode())[:40]])
+
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(
+        _load(root / "aqlm"),
+        str(root / "lora"),
+        config=aqlm_lora.register(LoraConfig.from_pretrained(str(root / "lora"))),
+    )
+    target = logits(adapted.eval())
+    args = ["--requantize", "--rounds", 1, "--seq", 32, "--windows", 8]
+    assert merge(root / "aqlm", "--adapter", root / "lora", "--out", root / "plain", *args) == 0
+    capsys.readouterr()
+    tuned_args = [*args, "--calibration", root / "calibration.txt", "--tune-steps", 20, "--tune-lr", 1e-3]
+    assert merge(root / "aqlm", "--adapter", root / "lora", "--out", root / "tuned", *tuned_args) == 0
+    printed = capsys.readouterr().out
+    assert "codebooks and scales tuned on" in printed and "(20 steps): KL to the adapted model" in printed
+    plain, tuned = logits(_load(root / "plain")), logits(_load(root / "tuned"))
+    assert (tuned - target).norm() < (plain - target).norm()
+
+
+def test_calibration_needs_requantize_and_a_file(byte_files):
+    root = byte_files
+    with pytest.raises(UserError, match="--calibration tunes a re-quantized model: it needs --requantize"):
+        merge(
+            root / "aqlm", "--adapter", root / "lora", "--out", root / "x1", "--calibration", root / "calibration.txt"
+        )
+    with pytest.raises(UserError, match="calibration file .*nope.txt"):
+        merge(
+            root / "aqlm",
+            "--adapter",
+            root / "lora",
+            "--out",
+            root / "x2",
+            "--requantize",
+            "--calibration",
+            root / "nope.txt",
+        )
+    for out in ("x1", "x2"):
+        _nothing_written(root, root / out)
