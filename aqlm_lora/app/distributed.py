@@ -226,10 +226,12 @@ def wrap_ddp(model: nn.Module, where: Dist) -> nn.Module:
     codes, codebooks and scales, and ``broadcast_buffers`` would repeat that for buffers before
     every forward. Every rank loads the same checkpoint, so both are skipped: the frozen
     parameters and all buffers go on DDP's ignore list, and only the LoRA weights are broadcast
-    once (the same values anyway: same ``--seed``) and all-reduced after each backward.
+    once (the same values anyway: same ``--seed``) and all-reduced after each backward. Non-float
+    parameters could not be all-reduced as gradients anyway (they cannot require grad).
     """
     from torch.nn.parallel import DistributedDataParallel
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen_names(model))
     device_ids = [where.device.index] if where.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # Buffers are all ignored, so neither the construction nor each forward syncs them.
+    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
