@@ -11,7 +11,8 @@ One layer, fp32, rank 16. Every variant runs once per repeat, in an order rotate
   with ``--dropout p`` DoRA runs the base matmul on ``x`` and on ``dropout(x)`` (PEFT's formula), LoRA once.
 
 Targets (issue 13): our DoRA training step <= 1.25x our LoRA step; our DoRA inference <= 1.05x our LoRA
-inference. Prints a markdown table; writes the CSV to ``--out`` (default ``$XDG_CACHE_HOME/aqlm_lora/bench``).
+inference. Prints a markdown table; writes ``bench_dora.md``, ``.csv`` and ``.png`` to ``--out`` (default
+``$XDG_CACHE_HOME/aqlm_lora/bench``; the committed results are in ``benchmarks/results/dora/``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="LoRA dropout while training (DoRA then computes the base matmul twice, on x and on dropout(x), as PEFT)",
     )
     p.add_argument("--skip-peft", action="store_true", help="leave out PEFT's dense DoRA (saves memory and time)")
-    p.add_argument("--out", default=None, help="folder for bench_dora.csv")
+    p.add_argument("--out", default=None, help="folder for bench_dora.md, .csv and .png")
     return p.parse_args(argv)
 
 
@@ -182,21 +183,49 @@ def main(argv: list[str] | None = None) -> int:
             spread = times[(name, kind)]
             rows.append([name, kind, *(f"{t:.6f}" for t in (median, min(spread), max(spread))), f"{median / lora:.4f}"])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
+    table = "\n".join(lines)
+    print(table)
     step = medians[("ours DoRA", "training step")] / medians[("ours LoRA", "training step")]
     infer = medians[("ours DoRA", "forward (inference)")] / medians[("ours LoRA", "forward (inference)")]
-    print(
-        f"\nours DoRA / ours LoRA: training step {step:.3f}x (target <= 1.25x), inference {infer:.3f}x "
-        f"(target <= 1.05x); medians of {args.repeats} interleaved repeats"
+    summary = (
+        f"ours DoRA / ours LoRA: training step {step:.3f}x (target <= 1.25x: {'PASS' if step <= 1.25 else 'FAIL'}), "
+        f"inference {infer:.3f}x (target <= 1.05x: {'PASS' if infer <= 1.05 else 'FAIL'}); "
+        f"medians of {args.repeats} interleaved repeats"
     )
+    print("\n" + summary)
     out = _out_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_dora.md").write_text(table + "\n\n" + summary + "\n")
+    _plot(layers, what, medians, title, out / "bench_dora.png")
     with open(out / "bench_dora.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["layer", "measure", "median_s", "min_s", "max_s", "ratio_to_ours_lora"])
         writer.writerows(rows)
     print(f"CSV: {out / 'bench_dora.csv'}", file=sys.stderr)
     return 0
+
+
+def _plot(layers: list[str], what: list[str], medians: dict, title: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(layers)
+    for i, name in enumerate(layers):
+        xs = [j + i * width for j in range(len(what))]
+        ax.bar(xs, [medians[(name, kind)] * 1e3 for kind in what], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(what))], what)
+    ax.set_ylabel("ms (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
