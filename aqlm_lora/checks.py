@@ -223,3 +223,64 @@ def check_lora_backward(grad, input, xa, codes, codebooks, scales, lora_A, lora_
     check_scaling(scaling)
     check_seed(seed, offset)
     return n, r
+
+
+def _check_per_adapter(t: Optional[Tensor], name: str, k, n_out, codes: Tensor) -> None:
+    if t is None:
+        return
+    check_float(t, name)
+    check_same_device(codes, t, name)
+    _check(
+        t.dim() == 2 and t.shape[0] == k and t.shape[1] == n_out,
+        lambda: f"{name} must have shape [{k}, {n_out}] (num_adapters from lora_A), got {sizes(t.shape)}",
+    )
+
+
+def check_lora_mixed_forward(
+    input, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
+):
+    """csrc/common/multi_lora_checks.h in Python; returns ``(N, K, r)``. The values of ``indices``
+    (in [-1, K)) and ``scalings`` (finite) are checked by the CPU kernel only: reading them here
+    would need the data (and a device sync on CUDA)."""
+    check_weight(codes, codebooks, scales)
+    n_in, n_out = in_features(codes, codebooks), out_features(codes, codebooks)
+    n = check_rows(input, "input", n_in, codes)
+    check_vector(bias, "bias", n_out, codes)
+    check_float(lora_A, "lora_A")
+    check_float(lora_B_t, "lora_B_t")
+    check_same_device(codes, lora_A, "lora_A")
+    check_same_device(codes, lora_B_t, "lora_B_t")
+    _check(
+        lora_A.dim() == 3 and lora_A.shape[2] == n_in,
+        lambda: f"lora_A must have shape [num_adapters, r, {n_in}], got {sizes(lora_A.shape)}",
+    )
+    k, r = lora_A.shape[0], lora_A.shape[1]
+    _check(
+        lora_B_t.dim() == 3 and lora_B_t.shape[0] == k and lora_B_t.shape[1] == r and lora_B_t.shape[2] == n_out,
+        lambda: (
+            f"lora_B_t must have shape [{k}, {r}, {n_out}] (lora_B transposed; num_adapters and r from lora_A), "
+            f"got {sizes(lora_B_t.shape)}"
+        ),
+    )
+    _check(
+        lora_A.dtype == lora_B_t.dtype,
+        lambda: (
+            f"lora_A and lora_B_t must share a dtype, got {scalar_type_name(lora_A.dtype)} and "
+            f"{scalar_type_name(lora_B_t.dtype)}"
+        ),
+    )
+    _check_per_adapter(lora_bias, "lora_bias", k, n_out, codes)
+    check_float(scalings, "scalings")
+    check_same_device(codes, scalings, "scalings")
+    _check(
+        scalings.dim() == 1 and scalings.shape[0] == k,
+        lambda: f"scalings must have shape [{k}] (one per adapter), got {sizes(scalings.shape)}",
+    )
+    _check_per_adapter(row_scale, "row_scale", k, n_out, codes)
+    _check(indices.dtype == torch.int64, lambda: f"indices must be int64, got {scalar_type_name(indices.dtype)}")
+    check_same_device(codes, indices, "indices")
+    _check(
+        indices.dim() == 1 and indices.shape[0] == n,
+        lambda: f"indices must have shape [{n}] (one adapter index per row of input), got {sizes(indices.shape)}",
+    )
+    return n, k, r

@@ -66,6 +66,34 @@ def aqlm_lora_linear(
     return out
 
 
+def aqlm_lora_mixed_linear(
+    x: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B_t: Tensor,
+    scalings: Tensor,
+    indices: Tensor,
+    lora_bias: Optional[Tensor] = None,
+    row_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """AQLM layer with one LoRA adapter per row (many adapters in one batch), one fused call.
+
+    Row ``n`` of ``x`` (its leading dims flattened) uses adapter ``a = indices[n]`` of the stacks
+    ``lora_A [K, r, in]``, ``lora_B_t [K, r, out]`` (``lora_B`` transposed, ranks zero-padded),
+    ``scalings [K]``, ``lora_bias [K, out]``, ``row_scale [K, out]`` (DoRA), or no adapter for
+    ``a = -1``: ``y = row_scale[a] * (x W^T + s[a] ((x A[a]^T) B_t[a] + lora_bias[a])) + bias``. The
+    base matmul runs once for the whole batch. No dropout. Differentiable (see
+    :func:`aqlm_lora.ops.lora_mixed_forward`).
+    """
+    _refuse_weight_grad(codebooks, scales)
+    return ops.lora_mixed_forward(
+        x, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
+    )
+
+
 def lora_delta(
     x: Tensor,
     lora_A: Tensor,

@@ -93,6 +93,33 @@ def lora_backward(
     )
 
 
+def lora_mixed_forward(
+    input: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B_t: Tensor,
+    lora_bias: Optional[Tensor],
+    scalings: Tensor,
+    row_scale: Optional[Tensor],
+    indices: Tensor,
+) -> Tensor:
+    """Many adapters in one batch: the base ``input @ W^T`` once, then each row's own LoRA.
+
+    ``out[n] = row_scale[a] * (x W^T + scalings[a] * ((x lora_A[a]^T) lora_B_t[a] + lora_bias[a])) + bias``
+    with ``a = indices[n]`` (int64, one per row of ``input``), and ``x W^T + bias`` where
+    ``a = -1``. ``lora_A [K, r, in]``, ``lora_B_t [K, r, out]`` (each adapter's ``lora_B``
+    transposed; smaller ranks zero-padded to ``r``), ``scalings [K]``, ``lora_bias`` and
+    ``row_scale [K, out]`` optional (``row_scale``: DoRA's ``m / ||W + s B A||``, ones for plain
+    adapters). No dropout. Differentiable w.r.t. input, bias, lora_A, lora_B_t, lora_bias and row_scale.
+    """
+    return torch.ops.aqlm_lora.lora_mixed_forward.default(
+        input, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: the C++ argument checks (same messages, see checks.py), then shapes and dtypes,
 # for torch.compile / FakeTensor tracing and meta tensors. Outputs are contiguous, like the kernels'.
@@ -146,6 +173,16 @@ def _lora_backward_fake(
     )
     grad_input = input.new_empty(input.shape) if input_grad else input.new_empty((0,))
     return grad_input, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+@torch.library.register_fake("aqlm_lora::lora_mixed_forward")
+def _lora_mixed_forward_fake(
+    input, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
+):
+    checks.check_lora_mixed_forward(
+        input, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
+    )
+    return input.new_empty((*input.shape[:-1], lora_B_t.shape[2]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,10 +278,72 @@ def _lora_forward_backward(ctx, grad, grad_xa):
 torch.library.register_autograd("aqlm_lora::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)
 
 
+# lora_mixed_forward: the backward is composed of aqlm_gemm_t (one pass over the codes for all
+# rows) and matmuls against all K adapters' stacks at once, each row's own adapter picked by a
+# one-hot [N, K] mask (no data-dependent shapes, so it traces under torch.compile). The LoRA part
+# then costs K times one adapter's: training with adapter_names is rare; this is correct, not fused.
+def _lora_mixed_forward_setup(ctx, inputs, output):
+    input, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices = inputs
+    ctx.save_for_backward(input, codes, codebooks, scales, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _lora_mixed_forward_backward(ctx, grad):
+    input, codes, codebooks, scales, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    _refuse_double_backward("lora_mixed_forward", grad, input, lora_A, lora_B_t, lora_bias, row_scale)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    k, r, n_in = lora_A.shape
+    n_out = lora_B_t.shape[2]
+    g = grad.reshape(-1, n_out).to(acc)
+    x = input.reshape(-1, n_in).to(acc)
+    n = x.shape[0]
+    onehot = (indices.unsqueeze(1) == torch.arange(k, device=indices.device)).to(acc)  # [N, K], base rows 0
+    weight = onehot * scalings.detach().to(acc)  # [N, K]: the row's scaling in its adapter's column
+    stack_A = lora_A.to(acc).reshape(k * r, n_in)
+    stack_B_t = lora_B_t.to(acc).reshape(k * r, n_out)
+    if row_scale is not None:  # the gradient of the pre-scale output (base rows: unscaled)
+        ge = g * (onehot @ row_scale.to(acc) + (1.0 - onehot.sum(1, keepdim=True)))
+    else:
+        ge = g
+
+    def own(t: Tensor) -> Tensor:  # [N, K*r] against every adapter -> [N, r] against the row's own
+        return (t.view(n, k, r) * onehot.unsqueeze(2)).sum(1)
+
+    def spread(t: Tensor, w: Tensor) -> Tensor:  # [N, r] -> [N, K*r], zero outside the row's adapter, times w
+        return (w.unsqueeze(2) * t.unsqueeze(1)).reshape(n, k * r)
+
+    xa = own(x @ stack_A.T)  # [N, r]
+    gb = own(ge @ stack_B_t.T)  # [N, r]
+    grad_input = grad_A = grad_B_t = grad_lora_bias = grad_row_scale = grad_bias = None
+    if needs[0]:
+        grad_input = aqlm_gemm_t(ge, codes, codebooks, scales) + spread(gb, weight) @ stack_A
+        grad_input = grad_input.to(input.dtype).reshape(input.shape)
+    if needs[5]:
+        grad_A = (spread(gb, weight).T @ x).reshape(lora_A.shape).to(lora_A.dtype)
+    if needs[6]:
+        grad_B_t = (spread(xa, weight).T @ ge).reshape(lora_B_t.shape).to(lora_B_t.dtype)
+    if lora_bias is not None and needs[7]:
+        grad_lora_bias = (weight.T @ ge).to(lora_bias.dtype)
+    if row_scale is not None and needs[9]:  # d out / d row_scale = the pre-scale output, recomputed
+        pre = aqlm_gemm(x, codes, codebooks, scales, None).to(acc) + spread(xa, weight) @ stack_B_t
+        if lora_bias is not None:
+            pre = pre + weight @ lora_bias.to(acc)
+        grad_row_scale = (onehot.T @ (g * pre)).to(row_scale.dtype)
+    if ctx.bias_dtype is not None and needs[4]:
+        grad_bias = _sum_rows(grad).to(ctx.bias_dtype)
+    return grad_input, None, None, None, grad_bias, grad_A, grad_B_t, grad_lora_bias, None, grad_row_scale, None
+
+
+torch.library.register_autograd(
+    "aqlm_lora::lora_mixed_forward", _lora_mixed_forward_backward, setup_context=_lora_mixed_forward_setup
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Differentiable entry points.
 
 
 # The differentiable entry points live in functional.py; these names stay here for callers of
 # aqlm_lora.ops.aqlm_lora_linear (functional imports this module, so this import comes last).
-from .functional import aqlm_linear, aqlm_lora_linear, draw_seed  # noqa: E402,F401
+from .functional import aqlm_linear, aqlm_lora_linear, aqlm_lora_mixed_linear, draw_seed  # noqa: E402,F401

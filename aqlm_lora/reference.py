@@ -190,3 +190,41 @@ def lora_linear(
     args = (codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset)
     out, _ = lora_forward(x, *args)
     return out
+
+
+def lora_mixed_forward(
+    input: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B_t: Tensor,
+    lora_bias: Optional[Tensor],
+    scalings: Tensor,
+    row_scale: Optional[Tensor],
+    indices: Tensor,
+) -> Tensor:
+    """One adapter per row: ``out[n] = row_scale[a] * (x W^T + s[a] * ((x A[a]^T) B_t[a] + lora_bias[a])) + bias``
+    with ``a = indices[n]``; ``a = -1``: ``x W^T + bias``. Row by row, differentiable."""
+    acc = compute_dtype(input)
+    n_in, n_out = lora_A.shape[2], lora_B_t.shape[2]
+    x = input.to(acc).reshape(-1, n_in)
+    base = aqlm_gemm(x, codes, codebooks, scales, None)
+    rows = []
+    for i in range(x.shape[0]):
+        a = int(indices[i])
+        y = base[i]
+        if a >= 0:
+            s = scalings[a].to(acc)
+            lora = (x[i] @ lora_A[a].to(acc).T) @ lora_B_t[a].to(acc)
+            if lora_bias is not None:
+                lora = lora + lora_bias[a].to(acc)
+            y = y + s * lora
+            if row_scale is not None:
+                y = y * row_scale[a].to(acc)
+        if bias is not None:
+            y = y + bias.to(acc)
+        rows.append(y)
+    out = torch.stack(rows) if rows else base
+    return out.to(input.dtype).reshape(*input.shape[:-1], n_out)

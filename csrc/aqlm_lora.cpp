@@ -36,4 +36,14 @@ TORCH_LIBRARY(aqlm_lora, m) {
       "lora_backward(Tensor grad, Tensor input, Tensor xa, Tensor codes, Tensor codebooks, "
       "Tensor scales, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, "
       "int offset, bool input_grad) -> (Tensor, Tensor, Tensor)");
+  // Many adapters in one batch (one per row; Punica/S-LoRA's BGMV): the base x @ W^T once for all
+  // rows, then per row n with a = indices[n] >= 0
+  //   out[n] = row_scale[a] * (x[n] W^T + scalings[a] * ((x[n] lora_A[a]^T) lora_B_t[a] + lora_bias[a])) + bias
+  // and out[n] = x[n] W^T + bias where indices[n] = -1. lora_A [K, r, in], lora_B_t [K, r, out]
+  // (each adapter's B transposed, ranks zero-padded to r), lora_bias / row_scale [K, out] (row_scale:
+  // DoRA's m / ||W + s B A||, ones for plain adapters), scalings [K], indices int64 [N].
+  m.def(
+      "lora_mixed_forward(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias, "
+      "Tensor lora_A, Tensor lora_B_t, Tensor? lora_bias, Tensor scalings, Tensor? row_scale, "
+      "Tensor indices) -> Tensor");
 }

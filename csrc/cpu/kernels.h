@@ -89,4 +89,23 @@ void outer_sum(const acc_t* u, const acc_t* v, int64_t n_rows, int64_t r, int64_
 template <typename acc_t>
 void transpose(const acc_t* src, int64_t rows, int64_t cols, acc_t* dst);
 
+// lora_mixed_forward's LoRA part (multi_lora.cpp): row n uses adapter a = indices[n] (-1: none).
+// All buffers contiguous, in acc_t; optional ones are nullptr when absent.
+template <typename acc_t>
+struct MixedLora {
+  const acc_t* x;          // [N, in]
+  const int64_t* indices;  // [N], values in [-1, K)
+  const acc_t* lora_A;     // [K, r, in]
+  const acc_t* lora_B_t;   // [K, r, out]
+  const acc_t* lora_bias;  // [K, out] or nullptr
+  const acc_t* scalings;   // [K]
+  const acc_t* row_scale;  // [K, out] or nullptr
+  const acc_t* bias;       // [out] or nullptr
+  int64_t n, k, r, in, out;
+};
+// y [N, out] holds x @ W^T on entry; on exit y[n] = row_scale[a] * (y[n] + s[a] * (x[n] A[a]^T B[a]^T
+// + lora_bias[a])) + bias for adapter rows, y[n] + bias for base rows.
+template <typename acc_t>
+void mixed_lora_rows(const MixedLora<acc_t>& m, acc_t* y);
+
 }  // namespace aqlm_lora::cpu

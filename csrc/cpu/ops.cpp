@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/multi_lora_checks.h"
 #include "cpu/kernels.h"
 #include "cpu/scratch.h"
 
@@ -356,6 +357,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   return {grad_input, grad_A.to(lora_A.scalar_type()), grad_B.to(lora_B.scalar_type())};
 }
 
+// A [*] float tensor as a contiguous acc-type copy, or an undefined tensor for an absent one.
+at::Tensor acc_or_empty(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+at::Tensor lora_mixed_forward_cpu(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& codebooks,
+                                  const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                                  const at::Tensor& lora_A, const at::Tensor& lora_B_t,
+                                  const c10::optional<at::Tensor>& lora_bias, const at::Tensor& scalings,
+                                  const c10::optional<at::Tensor>& row_scale, const at::Tensor& indices) {
+  const PlainAtenCalls plain;
+  const MixedLoraCall call = check_lora_mixed_forward(input, codes, codebooks, scales, bias, lora_A, lora_B_t,
+                                                      lora_bias, scalings, row_scale, indices);
+  const AqlmDims& d = call.d;
+  const int64_t n = call.n, k = call.k;
+  const at::Tensor idx = indices.contiguous();
+  const int64_t* idx_p = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(idx_p[i] >= -1 && idx_p[i] < k, "aqlm_lora: indices must lie in [-1, ", k,
+                ") (-1: no adapter), got ", idx_p[i], " at row ", i);
+  }
+  const at::ScalarType acc = acc_dtype(input);
+  const at::Tensor s = scalings.to(acc).contiguous();
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using acc_t = decltype(acc_tag);
+    const acc_t* sp = s.data_ptr<acc_t>();
+    for (int64_t a = 0; a < k; ++a) {
+      TORCH_CHECK(std::isfinite(static_cast<double>(sp[a])), "aqlm_lora: scalings must be finite, got ",
+                  static_cast<double>(sp[a]), " for adapter ", a);
+    }
+  });
+  const at::Tensor x = rows_of(input, n, d.in_features(), acc);
+  at::Tensor out = base_forward(x, input, codes, codebooks, scales, d, c10::nullopt);
+  const at::Tensor a = lora_A.to(acc).contiguous(), bt = lora_B_t.to(acc).contiguous();
+  const at::Tensor lb = acc_or_empty(lora_bias, acc), rs = acc_or_empty(row_scale, acc);
+  const at::Tensor b = acc_or_empty(bias, acc);
+  dispatch_acc(acc, [&](auto acc_tag) {
+    using acc_t = decltype(acc_tag);
+    const MixedLora<acc_t> m{x.data_ptr<acc_t>(), idx_p,           a.data_ptr<acc_t>(),   bt.data_ptr<acc_t>(),
+                             ptr_or_null<acc_t>(lb), s.data_ptr<acc_t>(), ptr_or_null<acc_t>(rs), ptr_or_null<acc_t>(b),
+                             n,                 k,               call.r,                d.in_features(),
+                             d.out_features()};
+    mixed_lora_rows<acc_t>(m, out.data_ptr<acc_t>());
+  });
+  return out.to(input.scalar_type()).reshape(with_last(input.sizes(), d.out_features()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aqlm_lora, CPU, m) {
@@ -365,6 +418,7 @@ TORCH_LIBRARY_IMPL(aqlm_lora, CPU, m) {
   m.impl("dropout_mask", &dropout_mask_cpu);
   m.impl("lora_forward", &lora_forward_cpu);
   m.impl("lora_backward", &lora_backward_cpu);
+  m.impl("lora_mixed_forward", &lora_mixed_forward_cpu);
 }
 
 }  // namespace aqlm_lora::cpu

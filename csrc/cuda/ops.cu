@@ -22,11 +22,18 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/multi_lora_checks.h"
 #include "common/plain_aten.h"
 #include "kernels.cuh"
 
 namespace aqlm_lora {
 namespace cuda {
+
+// multi_lora.cu: the LoRA part and epilogue of lora_mixed_forward, in place on y = x W^T.
+void mixed_lora_apply(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& lora_A,
+                      const at::Tensor& lora_B_t, const at::Tensor& lora_bias, const at::Tensor& scalings,
+                      const at::Tensor& row_scale, const at::Tensor& bias, const at::Tensor& y);
+
 namespace {
 
 // Bytes of dequantized weight one block may hold on the tiled cuBLAS path. 64 MiB holds all of a
@@ -297,6 +304,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   return std::make_tuple(grad_input, grad_A.to(lora_A.scalar_type()), grad_B.to(lora_B.scalar_type()));
 }
 
+// Many adapters in one batch: the base x W^T once (forward_impl: decode GEMV or tiled cuBLAS, in the
+// input's dtype), then the per-row LoRA, row_scale and bias in the accumulation type. indices outside
+// [-1, K) are not refused here (that would need a device sync): such rows get no adapter.
+at::Tensor lora_mixed_forward_cuda(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& codebooks,
+                                   const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                                   const at::Tensor& lora_A, const at::Tensor& lora_B_t,
+                                   const c10::optional<at::Tensor>& lora_bias, const at::Tensor& scalings,
+                                   const c10::optional<at::Tensor>& row_scale, const at::Tensor& indices) {
+  const PlainAtenCalls plain;
+  const MixedLoraCall call = check_lora_mixed_forward(input, codes, codebooks, scales, bias, lora_A, lora_B_t,
+                                                      lora_bias, scalings, row_scale, indices);
+  const AqlmDims& d = call.d;
+  c10::cuda::OptionalCUDAGuard guard(at::device_of(input));
+  check_bf16_supported({input.scalar_type(), codebooks.scalar_type(), scales.scalar_type(), dtype_or_float(bias),
+                        lora_A.scalar_type(), lora_B_t.scalar_type(), dtype_or_float(lora_bias),
+                        scalings.scalar_type(), dtype_or_float(row_scale)});
+  const WeightRef w = make_weight(codes, codebooks, scales, d);
+  const int64_t n = call.n, in = d.in_features(), out = d.out_features();
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const at::Tensor base = std::get<0>(forward_impl(input, w, c10::nullopt, c10::nullopt, nullptr));
+  const at::Tensor y = base.reshape({n, out}).to(acc).contiguous();
+  auto acc_copy = [&](const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
+  };
+  mixed_lora_apply(input.reshape({n, in}).to(acc).contiguous(), indices.contiguous(), lora_A.to(acc).contiguous(),
+                   lora_B_t.to(acc).contiguous(), acc_copy(lora_bias), scalings.to(acc).contiguous(),
+                   acc_copy(row_scale), acc_copy(bias), y);
+  return y.to(input.scalar_type()).view(with_last_dim(input, out));
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace aqlm_lora
@@ -308,4 +345,5 @@ TORCH_LIBRARY_IMPL(aqlm_lora, CUDA, m) {
   m.impl("dropout_mask", &aqlm_lora::cuda::dropout_mask_cuda);
   m.impl("lora_forward", &aqlm_lora::cuda::lora_forward_cuda);
   m.impl("lora_backward", &aqlm_lora::cuda::lora_backward_cuda);
+  m.impl("lora_mixed_forward", &aqlm_lora::cuda::lora_mixed_forward_cuda);
 }

@@ -22,7 +22,7 @@ from smoke_cases import (
     shared_memory_optin,
     staged_codebook_bytes,
 )
-from smoke_session import Smoke, Weight
+from smoke_session import Smoke, Weight, mixed_stacks
 from torch import Tensor
 
 from aqlm_lora import reference as ref
@@ -61,6 +61,7 @@ def every_op(
         "lora_backward.grad_input": gx,
         "lora_backward.grad_A": gA,
         "lora_backward.grad_B": gB,
+        "lora_mixed_forward": impl.lora_mixed_forward(x, codes, books, scales, None, *mixed_stacks(x, A, B, B[:, 0])),
     }
 
 

@@ -154,3 +154,22 @@ class Smoke:
             want = ref.lora_backward(g, x, xa, *bargs, input_grad)
             for name, a, b in zip(("grad_input", "grad_A", "grad_B"), got, want):
                 self.close(f"lora_backward.{name} {tag} input_grad={input_grad}", a, b, ltol)
+        margs = (codes, codebooks, scales, bias, *mixed_stacks(x, A, B, lb))
+        got = self.ops.lora_mixed_forward(x, *margs)
+        self.close(f"lora_mixed_forward {tag}", got, ref.lora_mixed_forward(x, *margs), ltol)
+
+
+def mixed_stacks(x: Tensor, A: Tensor, B: Tensor, lb: Tensor) -> tuple:
+    """lora_mixed_forward's adapter arguments after ``bias``: two adapters made from one (A, B, lora_bias),
+    the second with half its rank zero-padded, DoRA-like row scales, and rows cycling over base, 0 and 1."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    half = B.clone()
+    half[:, B.shape[1] // 2 :] = 0
+    lora_A = torch.stack([A, A.flip(0)])
+    lora_B_t = torch.stack([B.T, half.T.flip(0)]).contiguous()
+    lora_bias = torch.stack([lb, -lb])
+    scalings = torch.tensor([0.5, -1.5], dtype=A.dtype, device=A.device)
+    out_f = B.shape[0]
+    row_scale = torch.stack([torch.linspace(0.5, 1.5, out_f), torch.ones(out_f)]).to(A.dtype).to(A.device)
+    indices = torch.arange(rows, device=x.device) % 3 - 1
+    return lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
