@@ -249,7 +249,7 @@ def test_stream_and_branch_sections_run_with_cuda_mocked(monkeypatch):
     s = _session(lines)
     checks.check_streams(s)
     assert not s.failures, s.failures
-    assert s.checks == 4 * 9 * 2, s.checks
+    assert s.checks == 4 * 10 * 2, s.checks  # 4 stream cases x every_op's 10 outputs x 2 comparisons
     checks.check_branches(s)  # no CUDA kernels to see here: warnings only, never failures
     assert not s.failures, s.failures
 

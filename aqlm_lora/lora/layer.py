@@ -27,7 +27,11 @@ Behaviour worth knowing:
   ``F.linear`` under autocast would give).
 - DoRA (``use_dora=True``): PEFT's semantics, the row norms computed from the codes without a
   dense weight (:mod:`aqlm_lora.lora.dora`); DoRA adapters also work in mixed batches
-  (``adapter_names=``), which PEFT refuses: each adapter's rows run on their own here.
+  (``adapter_names=``), which PEFT refuses.
+- Mixed batches (``adapter_names=``): one ``lora_mixed_forward`` call per layer, the base matmul
+  once for the whole batch and each row's LoRA from stacked adapter weights
+  (:mod:`aqlm_lora.lora.adapter_stack`, cached until an adapter changes); while training with
+  dropout, one call per adapter on its rows instead.
 - ``merge()`` swaps in a dense ``nn.Linear`` base holding the merged weight and keeps the AQLM layer
   to put back on ``unmerge()`` (:mod:`aqlm_lora.lora.merge`).
 """
@@ -45,6 +49,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from .. import functional
+from .adapter_stack import AdapterStack
 from .dora import AqlmDoraVariant, DoraNorms, dora_step
 from .fused_base import canonical_codes
 from .merge import merge_layer, unmerge_layer
@@ -294,7 +299,7 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
 
     def _check_forward_args(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
         names = kwargs.get("adapter_names")
-        if names is not None:  # PEFT refuses DoRA in mixed batches; here each adapter's rows run apart, DoRA too
+        if names is not None:  # PEFT refuses DoRA in mixed batches; ours supports them
             kwargs = {**kwargs, "adapter_names": ["__base__" if n in self.lora_magnitude_vector else n for n in names]}
         super()._check_forward_args(x, *args, **kwargs)
 
@@ -331,23 +336,58 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         present = [name for name in self.active_adapters if name in self.lora_A]
         return self._lora_forward(x, present)
 
+    @property
+    def adapter_stack(self) -> AdapterStack:
+        """The cached stacked adapter weights for mixed batches (see :mod:`aqlm_lora.lora.adapter_stack`)."""
+        stack = self.__dict__.get("_adapter_stack")
+        if stack is None:
+            stack = self.__dict__["_adapter_stack"] = AdapterStack()
+        return stack
+
     def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> Tensor:
-        """Row ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
-        rows: dict[str, list[int]] = {}
-        for index, name in enumerate(adapter_names):
-            key = name if name in self.lora_A else "__base__"
-            rows.setdefault(key, []).append(index)
-        if len(rows) == 1:
-            (name,) = rows
+        """Row ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``, or a name this
+        layer lacks: none). One fused op call for the whole batch: the base matmul once, then each
+        row's own LoRA (plain and DoRA adapters, any ranks, scalings and ``lora_bias``). While
+        training with dropout, each adapter's rows run on their own instead (composed, with gradients)."""
+        keys = [name if name in self.lora_A else "__base__" for name in adapter_names]
+        distinct = set(keys)
+        if len(distinct) <= 1:  # one adapter (or none) for every row: the plain fused call
+            name = distinct.pop() if distinct else "__base__"
             return self._lora_forward(x, [] if name == "__base__" else [name])
+        used = distinct - {"__base__"}
+        if self.training and any(self._dropout_p(name, True) != 0.0 for name in used):
+            return self._grouped_forward(x, keys)
+        stacked = self.adapter_stack.stacked(self)
+        rows_per_item = x[0].numel() // x.shape[-1] if x.dim() > 1 and x.shape[-1] else 1
+        indices = self.adapter_stack.indices(keys, stacked.index, rows_per_item, x.device)
+        codes, codebooks, scales = self.quantized_weight()
+        return functional.aqlm_lora_mixed_linear(
+            x,
+            codes,
+            codebooks,
+            scales,
+            self.get_base_layer().bias,
+            stacked.lora_A,
+            stacked.lora_B_t,
+            stacked.scalings,
+            indices,
+            stacked.lora_bias,
+            stacked.row_scale,
+        )
+
+    def _grouped_forward(self, x: Tensor, keys: list[str]) -> Tensor:
+        """The mixed batch as one call per adapter on its rows (each with its own base matmul)."""
+        rows: dict[str, list[int]] = {}
+        for index, name in enumerate(keys):
+            rows.setdefault(name, []).append(index)
         parts, order = [], []
         for name, index in rows.items():
             idx = torch.tensor(index, device=x.device)
             parts.append(self._lora_forward(x.index_select(0, idx), [] if name == "__base__" else [name]))
             order.append(idx)
-        inverse = torch.empty(len(adapter_names), dtype=torch.long, device=x.device)
+        inverse = torch.empty(len(keys), dtype=torch.long, device=x.device)
         order_cat = torch.cat(order)
-        inverse[order_cat] = torch.arange(len(adapter_names), device=x.device)
+        inverse[order_cat] = torch.arange(len(keys), device=x.device)
         return torch.cat(parts, dim=0).index_select(0, inverse)
 
     def __repr__(self) -> str:
