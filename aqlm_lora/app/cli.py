@@ -3,6 +3,7 @@
     aqlm-lora quantize MODEL_DIR OUT_DIR --scheme 2x8 [--dtype bfloat16]
     aqlm-lora finetune MODEL_DIR --data FILE.{txt,jsonl} --out ADAPTER_DIR [--steps N ...] [--save-every N] [--resume]
     aqlm-lora eval MODEL_DIR [--adapter DIR] --data FILE.{txt,jsonl}
+    aqlm-lora generate MODEL_DIR [--adapter NAME=DIR ...] --prompts FILE.jsonl [--out FILE.jsonl]
     aqlm-lora bench [ARGS for benchmarks/cpu/bench_linear.py]
     aqlm-lora demo [--size small|medium] [--out DIR]
 
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cmd_merge import add_parser as add_merge_parser
 
     add_merge_parser(sub)
+    from .cmd_generate import add_parser as add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 
@@ -305,6 +309,7 @@ COMMANDS = {
     "bench": "cmd_bench",
     "demo": "cmd_demo",
     "merge": "cmd_merge",
+    "generate": "cmd_generate",
 }
 
 

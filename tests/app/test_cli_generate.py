@@ -1,0 +1,130 @@
+"""`aqlm-lora generate`: prompts with their own adapters (or none) in mixed batches, on a tiny saved
+AQLM model with two saved adapters; the mixed batch gives each prompt the completion it gets alone."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from aqlm_lora.app import cli
+
+PROMPTS = [
+    ("def value(self):", "a"),
+    ("class For(import)", "b"),
+    ("return self.value", None),
+    ("for x in value: i", "a"),
+    ("if self else: ret", "b"),
+]
+
+
+@pytest.fixture(scope="module")
+def adapters(workspace, tmp_path_factory):
+    """Two random adapters of different ranks and targets, saved as PEFT adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    import aqlm_lora
+    from aqlm_lora.app.models import load_causal_lm
+
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {}
+    for seed, (name, r, targets) in enumerate(
+        [("a", 4, ["q_proj", "v_proj"]), ("b", 8, ["q_proj", "o_proj", "up_proj"])]
+    ):
+        torch.manual_seed(seed)
+        model = load_causal_lm(workspace["aqlm"])
+        config = aqlm_lora.register(LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        dirs[name] = root / name
+        peft_model.save_pretrained(dirs[name])
+    return dirs
+
+
+def _write_prompts(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p, "adapter": a}) + "\n" for p, a in prompts))
+    return path
+
+
+def _generate(workspace, adapters, prompts_file, out, *extra):
+    argv = ["generate", str(workspace["aqlm"]), "--prompts", str(prompts_file), "--out", str(out)]
+    for name, directory in adapters.items():
+        argv += ["--adapter", f"{name}={directory}"]
+    return cli.main([*argv, "--max-new-tokens", "6", "--no-progress", *extra])
+
+
+def test_mixed_batch_equals_each_prompt_alone(workspace, adapters, tmp_path, capsys):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
+    assert _generate(workspace, adapters, prompts, tmp_path / "mixed.jsonl", "--batch", "5") == 0
+    err = capsys.readouterr().err
+    assert re.search(
+        r"generate: 5 prompts, 2 adapters; prompt \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\); "
+        r"decode \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\)",
+        err,
+    ), err
+    mixed = [json.loads(line) for line in (tmp_path / "mixed.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["adapter"]) for r in mixed] == PROMPTS
+    assert all(r["tokens"] >= 1 and isinstance(r["completion"], str) for r in mixed)
+    assert _generate(workspace, adapters, prompts, tmp_path / "alone.jsonl", "--batch", "1") == 0
+    alone = [json.loads(line) for line in (tmp_path / "alone.jsonl").read_text().splitlines()]
+    assert mixed == alone
+    # The adapters change the completions (so the comparison above is not vacuous).
+    plain = _write_prompts(tmp_path / "plain.jsonl", [(p, None) for p, _ in PROMPTS])
+    assert _generate(workspace, {}, plain, tmp_path / "base.jsonl", "--batch", "5") == 0
+    base = [json.loads(line) for line in (tmp_path / "base.jsonl").read_text().splitlines()]
+    assert base[2]["completion"] == mixed[2]["completion"]
+    assert any(b["completion"] != m["completion"] for b, m in zip(base, mixed) if m["adapter"])
+
+
+def test_stdout_when_no_out_and_sampling(workspace, adapters, tmp_path, capsys):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:3])
+    argv = [
+        "generate",
+        str(workspace["aqlm"]),
+        "--prompts",
+        str(prompts),
+        "--adapter",
+        f"a={adapters['a']}",
+        "--adapter",
+        f"b={adapters['b']}",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--do-sample",
+        "--seed",
+        "3",
+    ]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == first  # a fixed seed gives the same samples
+    assert len(first.splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    "lines,adapter_args,message",
+    [
+        (
+            [{"prompt": "x", "adapter": "zzz"}],
+            ["a"],
+            r"prompts.jsonl:1: adapter 'zzz' is not one of the --adapter names \(a\)",
+        ),
+        (["not json"], ["a"], r"prompts.jsonl:1: not a JSON object"),
+        ([{"text": "x"}], ["a"], r"prompts.jsonl:1: expected \{\"prompt\""),
+        ([{"prompt": "x"}], ["bad"], r"--adapter expects NAME=DIR, got 'bad'"),
+    ],
+)
+def test_mistakes_are_one_line_errors(workspace, adapters, tmp_path, capsys, lines, adapter_args, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
+    argv = ["generate", str(workspace["aqlm"]), "--prompts", str(path)]
+    for name in adapter_args:
+        argv += ["--adapter", f"{name}={adapters[name]}" if name in adapters else name]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("aqlm-lora: error:") and re.search(message, err), err
