@@ -28,7 +28,7 @@ from tests.support.layers import (
     run_with_grads,
     twin_of,
 )
-from tests.support.tolerances import assert_close_fp32, assert_low_precision_ok
+from tests.support.tolerances import assert_close_fp32, assert_low_precision_ok, assert_outputs_and_grads_ok
 
 MODES = ["single", "rslora", "multi", "plain_first", "mixed", "disabled"]
 MIXED_NAMES = ["b", "a", "__base__", "p"]
@@ -95,25 +95,6 @@ def oracle(ours: AqlmLoraLinear, x: Tensor, grad_out: Tensor, dtype: torch.dtype
     return mixed_rows_oracle(twin, x, grad_out, MIXED_NAMES)
 
 
-def compare(out, grads, exact, plain, dtype) -> None:
-    exact_out, exact_grads = exact
-    assert out.dtype == dtype
-    assert grads.keys() == exact_grads.keys()
-    if dtype == torch.float32:
-        assert_close_fp32(out, exact_out, what="output")
-        for name, grad in grads.items():
-            assert_close_fp32(grad, exact_grads[name], what=name)
-        return
-    plain_out, plain_grads = plain
-    assert_low_precision_ok(out, plain_out, exact_out, what="output")
-    for name, grad in grads.items():
-        if exact_grads[name] is None:
-            assert grad is None and plain_grads[name] is None, name
-            continue
-        assert grad.dtype == dtype, name
-        assert_low_precision_ok(grad, plain_grads[name], exact_grads[name], what=name)
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
@@ -126,8 +107,7 @@ def test_matches_peft_dora(scheme, dtype, mode):
     if mode == "disabled":
         assert all(g is None for n, g in grads.items() if n != "input")
     exact = oracle(ours, x, grad_out, torch.float32, mode)
-    plain = oracle(ours, x, grad_out, dtype, mode) if dtype != torch.float32 else None
-    compare(out, grads, exact, plain, dtype)
+    assert_outputs_and_grads_ok(out, grads, exact, lambda: oracle(ours, x, grad_out, dtype, mode), dtype)
 
 
 def _twin_output(ours: AqlmLoraLinear, x: Tensor, dtype: torch.dtype, mode: str) -> Tensor:
@@ -200,7 +180,7 @@ def test_dropout_matches_peft_with_same_mask(scheme, dtype, multi):
         twin = dense_twin(ours, twin_dtype)
         _masked_twin(twin, masks, p)
         results.append(run(twin, x.to(twin_dtype), grad_out))
-    compare(out, grads, results[0], results[1], dtype)
+    assert_outputs_and_grads_ok(out, grads, results[0], lambda: results[1], dtype)
     ours.eval()
     assert (ours(x.to(dtype)) - out).abs().max() > 1e-3, "dropout had no effect while training"
 

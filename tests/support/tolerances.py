@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -69,6 +69,34 @@ def assert_low_precision_ok(actual: Tensor, plain: Tensor, exact: Tensor, what: 
     assert ours <= LOW_PRECISION_FACTOR * theirs + floor, (
         f"{label}error {ours:.3g} > {LOW_PRECISION_FACTOR:g} x plain PyTorch's {theirs:.3g}"
     )
+
+
+def assert_outputs_and_grads_ok(
+    out: Tensor,
+    grads: dict[str, Optional[Tensor]],
+    exact: tuple[Tensor, dict[str, Optional[Tensor]]],
+    plain: Callable[[], tuple[Tensor, dict[str, Optional[Tensor]]]],
+    dtype: torch.dtype,
+) -> None:
+    """A layer's output and gradients against the fp32 ``exact`` ones: fp32 closely; a lower ``dtype``
+    within the error of ``plain()`` (the same computation in plain PyTorch at ``dtype``)."""
+    exact_out, exact_grads = exact
+    assert out.dtype == dtype
+    assert grads.keys() == exact_grads.keys()
+    if dtype == torch.float32:
+        assert_close_fp32(out, exact_out, what="output")
+        for name, grad in grads.items():
+            assert_close_fp32(grad, exact_grads[name], what=name)
+        return
+    plain_out, plain_grads = plain()
+    assert plain_out.dtype == dtype
+    assert_low_precision_ok(out, plain_out, exact_out, what="output")
+    for name, grad in grads.items():
+        if exact_grads[name] is None:
+            assert grad is None and plain_grads[name] is None, name
+            continue
+        assert grad.dtype == dtype, name
+        assert_low_precision_ok(grad, plain_grads[name], exact_grads[name], what=name)
 
 
 def accumulation_rtol(acc: torch.dtype) -> float:
