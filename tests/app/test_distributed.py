@@ -192,3 +192,24 @@ def test_two_processes_with_dropout_bf16_and_checkpointing_equal_one_with_grad_a
     _assert_same_adapter(one, two)
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     assert json.loads((two / "trainer_state.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_accelerate_launch_equals_one_process(ws, capsys, tmp_path):
+    """``accelerate launch --multi_gpu`` (torchrun's launcher underneath) on CPU, 2 processes, fp32."""
+    argv = ["--data", ws["data"], "--steps", "2", "--dropout", "0", *COMMON]
+    one = tmp_path / "one"
+    assert run(["finetune", ws["aqlm"], "--out", one, *argv], capsys)[0] == 0
+    two = tmp_path / "two"
+    env = dict(cli_env(), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "aqlm_lora", "finetune", str(ws["aqlm"]), "--out", str(two), *map(str, argv),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "tokens/s on 2 processes" in done.stdout
+    _assert_same_adapter(one, two)
