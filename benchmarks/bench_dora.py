@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from plotting import pyplot  # benchmarks/plotting.py (scripts run with benchmarks/ on sys.path)
 from torch import nn
 
 RANK, ALPHA = 16, 32
@@ -206,13 +207,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(layers: list[str], what: list[str], medians: dict, title: str, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / len(layers)

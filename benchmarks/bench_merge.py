@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from plotting import pyplot  # benchmarks/plotting.py (scripts run with benchmarks/ on sys.path)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -188,13 +189,8 @@ def _table(forms: _Forms, rows: list[dict]) -> str:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 3.5))
     names = [row["form"].split(" (")[0] for row in rows]

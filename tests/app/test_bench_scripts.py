@@ -1,0 +1,68 @@
+"""benchmarks/bench_dora.py and benchmarks/bench_merge.py run end to end on tiny inputs and write
+their table, CSV and plot (they are scripts, not tests: this only keeps them from rotting)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aqlm_lora.app.demo import DemoConfig, run_demo
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _script(name: str, *argv, cwd: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *map(str, argv)], capture_output=True, text=True, timeout=900, cwd=cwd
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_bench_dora_tiny(tmp_path):
+    printed = _script(
+        "bench_dora.py",
+        "--shape",
+        "64x128",
+        "--n",
+        "4",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        tmp_path,
+        cwd=tmp_path,
+    )
+    assert "| ours DoRA |" in printed and "ours DoRA / ours LoRA: training step" in printed
+    rows = list(csv.DictReader(open(tmp_path / "bench_dora.csv")))
+    assert {r["layer"] for r in rows} == {"ours LoRA", "ours DoRA", "PEFT DoRA, dense W"}
+    assert all(float(r["median_s"]) > 0 for r in rows)
+    assert (tmp_path / "bench_dora.md").is_file() and (tmp_path / "bench_dora.png").is_file()
+
+
+@pytest.mark.slow
+def test_bench_merge_on_a_tiny_demo(tmp_path):
+    cfg = DemoConfig(hidden=64, intermediate=128, layers=1, heads=2, seq=32, batch=4, dense_steps=4, lora_steps=3)
+    cfg.stock_steps, cfg.train_bytes, cfg.valid_bytes = 0, 20000, 4000
+    run_demo(str(tmp_path / "demo"), progress=False, config=cfg)
+    out = tmp_path / "out"
+    argv = ["--demo-dir", tmp_path / "demo", "--tune-steps", "2", "--calibration-windows", "4", "--out", out]
+    printed = _script("bench_merge.py", *argv, cwd=tmp_path)
+    rows = list(csv.DictReader(open(out / "bench_merge.csv")))
+    assert [r["form"].split(" (")[0] for r in rows] == [
+        "AQLM",
+        "AQLM + LoRA",
+        "merged dense",
+        "merged re-quantized",
+        "merged re-quantized + codebook tuning",
+    ]
+    ppl = [float(r["perplexity"]) for r in rows]
+    assert ppl[2] == pytest.approx(ppl[1], rel=1e-4), "a dense merge is exact"
+    assert float(rows[1]["gain_kept"]) == pytest.approx(1.0)
+    assert "| merged re-quantized (2 rounds) |" in printed and (out / "bench_merge.png").is_file()
