@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 from . import ops
-from .functional import aqlm_linear, aqlm_lora_linear
+from .functional import aqlm_linear, aqlm_lora_linear, aqlm_lora_mixed_linear
 
 # Top-level name -> submodule that defines it, imported on first attribute access.
 _LAZY = {
@@ -39,6 +39,7 @@ __all__ = [
     "ops",
     "aqlm_linear",
     "aqlm_lora_linear",
+    "aqlm_lora_mixed_linear",
     "AqlmLoraLinear",
     "dispatch_aqlm",
     "register",

@@ -26,7 +26,7 @@ __device__ __forceinline__ acc_t warp_sum_acc(acc_t v) {
   return v;
 }
 
-// xa[n, j] = x[n] . A[indices[n], j]; rows without an adapter (index outside [0, K)) get 0.
+// xa[n, j] = x[n] . A[indices[n], j]; base rows (index -1) get 0.
 template <typename acc_t>
 __global__ void mixed_shrink_kernel(const acc_t* __restrict__ x, const int64_t* __restrict__ indices,
                                     const acc_t* __restrict__ lora_A, int64_t n, int64_t k, int64_t r, int64_t in,
@@ -36,6 +36,9 @@ __global__ void mixed_shrink_kernel(const acc_t* __restrict__ x, const int64_t* 
   if (warp >= n * r) return;
   const int64_t row = warp / r, j = warp % r;
   const int64_t a = indices[row];
+  // The CPU op refuses such an index; here checking it on the host would cost a device sync, so a
+  // device-side assert (as torch's own indexing kernels do) fails the call instead of a wrong row.
+  CUDA_KERNEL_ASSERT_MSG(a >= -1 && a < k, "lora_mixed_forward: an index is outside [-1, K)");
   acc_t sum = 0;
   if (a >= 0 && a < k) {
     const acc_t* xr = x + row * in;
@@ -59,6 +62,7 @@ __global__ void mixed_expand_kernel(const acc_t* __restrict__ xa, const int64_t*
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = e / out, o = e % out;
     const int64_t a = indices[row];
+    CUDA_KERNEL_ASSERT_MSG(a >= -1 && a < k, "lora_mixed_forward: an index is outside [-1, K)");
     acc_t v = y[e];
     if (a >= 0 && a < k) {
       acc_t sum = 0;

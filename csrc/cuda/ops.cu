@@ -306,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
 
 // Many adapters in one batch: the base x W^T once (forward_impl: decode GEMV or tiled cuBLAS, in the
 // input's dtype), then the per-row LoRA, row_scale and bias in the accumulation type. indices outside
-// [-1, K) are not refused here (that would need a device sync): such rows get no adapter.
+// [-1, K) are not checked here (that would need a device sync): the kernels' device-side assert fails
+// the call, and the CUDA context with it, as torch's own out-of-range indexing does.
 at::Tensor lora_mixed_forward_cuda(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& codebooks,
                                    const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
                                    const at::Tensor& lora_A, const at::Tensor& lora_B_t,

@@ -257,6 +257,43 @@ def test_index_out_of_range_is_refused_on_cpu(bad):
         ops.lora_mixed_forward(x, *w.args(), None, lora_A, lora_B_t, None, scalings, None, indices)
 
 
+_CUDA_BAD_INDEX = """
+import sys, torch
+from aqlm_lora import ops
+from tests.support.weights import SCHEMES, random_weight
+from tests.ops.test_multi_lora import mixed_args
+w = random_weight(SCHEMES[1], 16, 32, device="cuda")
+x, lora_A, lora_B_t, _, scalings, _, indices = mixed_args(w, 4, device="cuda")
+indices[2] = int(sys.argv[1])
+try:
+    ops.lora_mixed_forward(x, *w.args(), None, lora_A, lora_B_t, None, scalings, None, indices)
+    torch.cuda.synchronize()
+except RuntimeError as exc:
+    print("REFUSED", str(exc).splitlines()[0])
+    sys.exit(3)
+print("ACCEPTED")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bad", [3, -2])
+def test_index_out_of_range_fails_on_cuda(bad):
+    """The CUDA kernels assert on the device (a host check would cost a sync): the call fails, as torch's
+    own out-of-range indexing does; in a child process, since such a failure ends the CUDA context."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if "cuda" not in devices():
+        pytest.skip("needs a GPU and the CUDA kernels")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _CUDA_BAD_INDEX, str(bad)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert "ACCEPTED" not in done.stdout, done.stdout + done.stderr
+    assert done.returncode != 0 and ("REFUSED" in done.stdout or "assert" in done.stderr.lower()), done.stderr[-2000:]
+
+
 def test_non_finite_scaling_is_refused():
     w = random_weight(SCHEMES[1], 16, 32)
     x, lora_A, lora_B_t, _, scalings, _, indices = mixed_args(w, 4)
