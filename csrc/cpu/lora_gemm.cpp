@@ -30,12 +30,6 @@ constexpr int64_t kMinThreadWork = int64_t{1} << 18;
 
 inline int64_t grain(int64_t work_per_item) { return grain_for(work_per_item, kMinThreadWork); }
 
-AQLM_LORA_CLONES void axpy(float* __restrict y, const float* __restrict x, float a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-AQLM_LORA_CLONES void axpy(double* __restrict y, const double* __restrict x, double a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
 
 template <typename acc_t>
 inline acc_t dot_lanes(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
@@ -48,8 +42,6 @@ inline acc_t dot_lanes(const acc_t* __restrict a, const acc_t* __restrict b, int
   for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
   return sum;
 }
-AQLM_LORA_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_lanes(a, b, n); }
-AQLM_LORA_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_lanes(a, b, n); }
 
 // y[o] += alpha * u . w[o, :] for o in [o0, o1): one row of a few-row expand, the dots inlined.
 // Four outputs at a time: their lane reductions are independent chains that overlap (one dot at
@@ -84,6 +76,16 @@ AQLM_LORA_CLONES void add_row_dots(const double* u, const double* w, int64_t r, 
 }
 
 }  // namespace
+
+// Declared in kernels.h: the fixed-order dot and axpy the LoRA kernels (here and multi_lora.cpp) share.
+AQLM_LORA_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_lanes(a, b, n); }
+AQLM_LORA_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_lanes(a, b, n); }
+AQLM_LORA_CLONES void axpy(float* __restrict y, const float* __restrict x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+AQLM_LORA_CLONES void axpy(double* __restrict y, const double* __restrict x, double a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
 
 template <typename acc_t>
 void rows_dot(const acc_t* x, const acc_t* a, int64_t n_rows, int64_t r, int64_t k, acc_t* y) {

@@ -10,44 +10,15 @@
 #include "cpu/kernels.h"
 #include "cpu/scratch.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AQLM_LORA_MIXED_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define AQLM_LORA_MIXED_CLONES
-#endif
-
 namespace aqlm_lora::cpu {
 namespace {
 
-// Lanes of a dot product (the order lora_gemm.cpp's dots use).
-constexpr int64_t kLanes = 8;
 // Output columns per tile of the expand: r rows of B^T over this many columns stay in L1/L2.
 constexpr int64_t kColumnTile = 512;
 // Rows of one adapter per shrink work item: their x rows stay in L1/L2 while A streams past.
 constexpr int64_t kShrinkRows = 8;
 // Multiply-adds a thread must get before a second one is woken (as lora_gemm.cpp).
 constexpr int64_t kMinThreadWork = int64_t{1} << 18;
-
-template <typename acc_t>
-inline acc_t dot_lanes(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
-  acc_t lane[kLanes] = {};
-  const int64_t n_vec = n - n % kLanes;
-  for (int64_t k = 0; k < n_vec; k += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] += a[k + l] * b[k + l];
-  for (int64_t k = n_vec; k < n; ++k) lane[k - n_vec] += a[k] * b[k];
-  acc_t sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
-  return sum;
-}
-AQLM_LORA_MIXED_CLONES float mixed_dot(const float* a, const float* b, int64_t n) { return dot_lanes(a, b, n); }
-AQLM_LORA_MIXED_CLONES double mixed_dot(const double* a, const double* b, int64_t n) { return dot_lanes(a, b, n); }
-
-AQLM_LORA_MIXED_CLONES void mixed_axpy(float* __restrict y, const float* __restrict x, float a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-AQLM_LORA_MIXED_CLONES void mixed_axpy(double* __restrict y, const double* __restrict x, double a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
 
 // Rows sorted by adapter: rows[begin[b] .. begin[b + 1]) use adapter b - 1 (bin 0: base rows).
 struct Segments {
@@ -93,7 +64,7 @@ void mixed_lora_rows(const MixedLora<acc_t>& m, acc_t* y) {
                          const acc_t* a = m.lora_A + it.adapter * r * in;
                          for (int64_t p = it.row0; p < it.row1; ++p) {
                            const int64_t row = seg.rows[p];
-                           for (int64_t j = 0; j < r; ++j) xa[row * r + j] = mixed_dot(m.x + row * in, a + j * in, in);
+                           for (int64_t j = 0; j < r; ++j) xa[row * r + j] = dot(m.x + row * in, a + j * in, in);
                          }
                        }
                      });
@@ -124,7 +95,7 @@ void mixed_lora_rows(const MixedLora<acc_t>& m, acc_t* y) {
                          }
                          std::fill(sum.begin(), sum.begin() + len, acc_t(0));
                          const acc_t* bt = m.lora_B_t + a * r * out + c0;
-                         for (int64_t j = 0; j < r; ++j) mixed_axpy(sum.data(), bt + j * out, xa[row * r + j], len);
+                         for (int64_t j = 0; j < r; ++j) axpy(sum.data(), bt + j * out, xa[row * r + j], len);
                          if (m.lora_bias != nullptr) {
                            const acc_t* lb = m.lora_bias + a * out + c0;
                            for (int64_t c = 0; c < len; ++c) sum[c] += lb[c];
