@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from plotting import pyplot  # benchmarks/plotting.py (scripts run with benchmarks/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -308,13 +309,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     decode = [r for r in rows if r["case"] == "decode"]
     schemes = sorted({r["scheme"] for r in decode})

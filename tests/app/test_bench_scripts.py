@@ -1,4 +1,4 @@
-"""benchmarks/bench_dora.py and benchmarks/bench_merge.py run end to end on tiny inputs and write
+"""benchmarks/bench_dora.py, bench_merge.py and bench_multi_adapter.py run end to end on tiny inputs and write
 their table, CSV and plot (they are scripts, not tests: this only keeps them from rotting)."""
 
 from __future__ import annotations
@@ -66,3 +66,11 @@ def test_bench_merge_on_a_tiny_demo(tmp_path):
     assert ppl[2] == pytest.approx(ppl[1], rel=1e-4), "a dense merge is exact"
     assert float(rows[1]["gain_kept"]) == pytest.approx(1.0)
     assert "| merged re-quantized (2 rounds) |" in printed and (out / "bench_merge.png").is_file()
+
+
+@pytest.mark.slow
+def test_bench_multi_adapter_quick(tmp_path):
+    printed = _script("bench_multi_adapter.py", "--quick", "--out", tmp_path, cwd=tmp_path)
+    assert "| 2x8 | decode |" in printed and "| 1x16 | prefill |" in printed
+    rows = list(csv.DictReader(open(tmp_path / "bench_multi_adapter.csv")))
+    assert rows and (tmp_path / "bench_multi_adapter.png").is_file()
