@@ -65,7 +65,6 @@ class _Forms:
 
     def __init__(self, demo: Path) -> None:
         from aqlm_lora.app.data import load_tokenizer, read_data
-        from aqlm_lora.app.text import windows
 
         self.results = json.loads((demo / "results.json").read_text())
         scheme = self.results["scheme"]
@@ -76,7 +75,6 @@ class _Forms:
         self.valid = read_data(demo / "data" / "valid.txt", tokenizer, "text").tokens
         self.train = read_data(demo / "data" / "train.txt", tokenizer, "text").tokens
         self.scheme = scheme
-        self._windows = windows
 
     def aqlm(self):
         from aqlm_lora.app.models import load_causal_lm
@@ -92,9 +90,9 @@ class _Forms:
         return load_adapter(self.aqlm(), self.adapter_dir)
 
     def calibration(self, count: int) -> torch.Tensor:
-        all_windows = self._windows(self.train, self.seq)
-        pick = torch.randperm(all_windows.shape[0], generator=torch.Generator().manual_seed(0))[:count]
-        return all_windows[pick]
+        from aqlm_lora.app.text import sample_windows
+
+        return sample_windows(self.train, self.seq, count)
 
     def perplexity(self, model) -> float:
         from aqlm_lora.app.text import perplexity

@@ -85,18 +85,26 @@ def check_adapter_fits(model: nn.Module, adapter_dir: PathLike) -> None:
 
 def load_adapter(model: nn.Module, adapter_dir: PathLike, *, trainable: bool = False):
     """``PeftModel.from_pretrained`` through :func:`aqlm_lora.register`, after checking the adapter fits."""
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
     from ..lora.dispatch import register
 
     check_adapter_fits(model, adapter_dir)
+    config = read_lora_config(adapter_dir)
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=register(config), is_trainable=trainable)
+
+
+def read_lora_config(adapter_dir: PathLike):
+    """The adapter's ``LoraConfig``; :class:`UserError` when it does not parse or a field is out of range."""
+    from peft import LoraConfig
+
     path = Path(adapter_dir) / "adapter_config.json"
     try:
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"{path} is not a usable LoRA config: {one_line(exc)}") from None
     _check_lora_config(config, path)
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=register(config), is_trainable=trainable)
+    return config
 
 
 def _check_lora_config(config, path: Path) -> None:

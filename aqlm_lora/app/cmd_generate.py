@@ -108,20 +108,19 @@ def read_prompts(path: Path, adapters: dict[str, Path]) -> list[dict[str, Any]]:
 
 def load_adapters(model, adapters: dict[str, Path]):
     """A PeftModel of our layers with every adapter under its name (none: the model itself)."""
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
     from peft.utils import set_peft_model_state_dict
     from peft.utils.save_and_load import load_peft_weights
 
     from ..lora.dispatch import register
-    from .adapters import _check_lora_config, check_adapter_fits
+    from .adapters import check_adapter_fits, read_lora_config
     from .files import check_input_dir
 
     peft_model = None
     for name, directory in adapters.items():
         directory = check_input_dir(directory, f"adapter {name!r} directory", must_contain="adapter_config.json")
         check_adapter_fits(model if peft_model is None else peft_model.get_base_model(), directory)
-        config = LoraConfig.from_pretrained(str(directory))
-        _check_lora_config(config, directory / "adapter_config.json")
+        config = read_lora_config(directory)
         config.inference_mode = True
         if peft_model is None:
             peft_model = PeftModel.from_pretrained(model, str(directory), adapter_name=name, config=register(config))

@@ -147,20 +147,16 @@ def run(args) -> int:
 
 def _calibration_windows(args, model_dir):
     """Up to ``--windows`` windows of ``--seq`` tokens of ``--calibration``, drawn without replacement (seed 0)."""
-    import torch
-
     from .data import check_vocab
     from .files import check_input_file
     from .inputs import model_inputs
     from .models import load_model_config
-    from .text import windows
+    from .text import sample_windows
 
     path = check_input_file(args.calibration, "calibration file")
     tokenizer, data = model_inputs(args, model_dir, path, extra_token=False)
     check_vocab(load_model_config(model_dir).vocab_size, tokenizer, model_dir)
-    all_windows = windows(data.tokens, args.seq)
-    pick = torch.randperm(all_windows.shape[0], generator=torch.Generator().manual_seed(0))[: args.windows]
-    return all_windows[pick]
+    return sample_windows(data.tokens, args.seq, args.windows)
 
 
 def _refuse_unholdable_bias(layers: dict, adapter_dir) -> None:

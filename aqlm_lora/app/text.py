@@ -113,6 +113,13 @@ def windows(tokens: Tensor, seq: int) -> Tensor:
     return tokens[: n * seq].reshape(n, seq)
 
 
+def sample_windows(tokens: Tensor, seq: int, count: int, seed: int = 0) -> Tensor:
+    """Up to ``count`` of the consecutive :func:`windows`, drawn without replacement with ``seed``."""
+    all_windows = windows(tokens, seq)
+    pick = torch.randperm(all_windows.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+    return all_windows[pick]
+
+
 # Label of a token that is not trained or scored (a prompt token), as transformers uses it.
 IGNORE = -100
 

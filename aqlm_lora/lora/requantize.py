@@ -64,21 +64,7 @@ def _requantized(name: str, layer: AqlmLoraLinear, adapters: list[str], **kwargs
     scheme = layer_scheme(base)
     start = QuantizedWeight(codes, codebooks, scales, scheme)
     q = quantize_weight(weight, scheme, dtype=codebooks.dtype, name=f"layer {name}", warm_start=start, **kwargs)
-    new = aqlm.QuantizedLinear(
-        base.in_features,
-        base.out_features,
-        **scheme.aqlm_kwargs(),
-        bias=base.bias is not None,
-        dtype=codebooks.dtype,
-        device=codebooks.device,
-    )
-    device = codebooks.device
-    new.codes.data = q.codes.to(device)
-    new.codebooks.data = q.codebooks.to(device)
-    new.scales.data = q.scales.to(device)
-    if bias is not None:
-        new.bias.data = bias.to(device, codebooks.dtype)
-    return new.requires_grad_(False), q.errors
+    return q.to_linear(bias, codebooks.device), q.errors
 
 
 def merge_and_quantize(

@@ -26,6 +26,26 @@ class QuantizedWeight:
     scheme: Scheme
     errors: list[float] = field(default_factory=list)  # round 0 = after residual k-means
 
+    def to_linear(self, bias: Optional[Tensor] = None, device: Optional[torch.device] = None) -> nn.Module:
+        """A frozen ``aqlm.QuantizedLinear`` of these tensors (``bias`` in the codebooks' dtype) on ``device``."""
+        from aqlm import QuantizedLinear
+
+        dtype = self.codebooks.dtype
+        layer = QuantizedLinear(
+            self.codes.shape[1] * self.scheme.in_group_size,
+            self.codes.shape[0] * self.scheme.out_group_size,
+            **self.scheme.aqlm_kwargs(),
+            bias=bias is not None,
+            dtype=dtype,
+            device=device,
+        )
+        layer.codes.data = self.codes.to(device)
+        layer.codebooks.data = self.codebooks.to(device)
+        layer.scales.data = self.scales.to(device)
+        if bias is not None:
+            layer.bias.data = bias.detach().to(device, dtype).clone()
+        return layer.requires_grad_(False)
+
     def dequantize(self) -> Tensor:
         """Dense ``[out, in]`` weight (float32), through aqlm's own ``_dequantize_weight``."""
         from aqlm.utils import _dequantize_weight
@@ -235,29 +255,8 @@ def quantize_linear(linear: nn.Linear, scheme: Union[str, Scheme], **kwargs) -> 
 
     Keyword arguments go to :func:`quantize_weight`.
     """
-    from aqlm import QuantizedLinear
-
     scheme = parse_scheme(scheme)
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"quantize_linear needs an nn.Linear, got {type(linear).__name__}")
     q = quantize_weight(linear.weight, scheme, **kwargs)
-    dtype = q.codebooks.dtype
-    layer = QuantizedLinear(
-        linear.in_features,
-        linear.out_features,
-        in_group_size=scheme.in_group_size,
-        out_group_size=scheme.out_group_size,
-        num_codebooks=scheme.num_codebooks,
-        nbits_per_codebook=scheme.nbits,
-        bias=linear.bias is not None,
-        dtype=dtype,
-    )
-    layer.codes.data = q.codes
-    layer.codebooks.data = q.codebooks
-    layer.scales.data = q.scales
-    if linear.bias is not None:
-        layer.bias.data = linear.bias.detach().to("cpu", dtype).clone()
-    layer.requires_grad_(False)
-    return layer.to(linear.weight.device), q.errors
-
-
+    return q.to_linear(linear.bias, linear.weight.device), q.errors
