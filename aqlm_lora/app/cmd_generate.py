@@ -11,7 +11,6 @@ summary line (prompt and decode tokens/s, measured separately) goes to stderr.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ BASE = "__base__"
 
 
 def add_parser(sub) -> None:
+    from .cli import _int_in
     from .models import DTYPE_CHOICES
 
     p = sub.add_parser(
@@ -46,8 +46,8 @@ def add_parser(sub) -> None:
         help='JSONL, one {"prompt": ..., "adapter": NAME or null} object a line',
     )
     p.add_argument("--out", metavar="FILE", help="write the completions here (JSONL) instead of stdout")
-    p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate per prompt (default 64)")
-    p.add_argument("--batch", type=_positive, default=8, help="prompts per generate() call (default 8)")
+    p.add_argument("--max-new-tokens", type=_int_in(1), default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--batch", type=_int_in(1), default=8, help="prompts per generate() call (default 8)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
@@ -57,16 +57,6 @@ def add_parser(sub) -> None:
         "--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype the model is loaded in (default float32)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
