@@ -104,10 +104,7 @@ class AdapterStack:
             if magnitude is None:
                 row_scales.append(torch.ones(out_features, dtype=dtype, device=device))
             else:
-                norms = layer.dora_norms.row_norms(
-                    name, *layer.quantized_weight(), weight_A, weight_B, layer.scaling[name], cache=not layer.training
-                )
-                row_scales.append((magnitude.to(norms.dtype) / norms).to(dtype))
+                row_scales.append(layer.dora_scale(name).to(dtype))
         has_bias = any(ts[2] is not None for ts in tensors)
         has_dora = any(ts[3] is not None for ts in tensors)
         return StackedAdapters(

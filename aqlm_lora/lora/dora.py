@@ -97,21 +97,18 @@ class DoraNorms:
     def row_norms(
         self,
         name: str,
-        codes: Tensor,
-        codebooks: Tensor,
-        scales: Tensor,
+        weight: tuple[Tensor, Tensor, Tensor],
         lora_A: Tensor,
         lora_B: Tensor,
         scaling: float,
         cache: bool,
     ) -> Tensor:
-        key = (_key(codes, codebooks, scales, lora_A, lora_B), float(scaling))
+        """``||W + scaling * B@A||`` per row for adapter ``name``; ``weight``: ``(codes, codebooks, scales)``."""
+        key = (_key(*weight, lora_A, lora_B), float(scaling))
         hit = self._adapters.get(name)
         if cache and hit is not None and hit[0] == key:
             return hit[1]
-        norms = lora_row_norms(
-            codes, codebooks, scales, self.weight_sq(codes, codebooks, scales), lora_A, lora_B, scaling
-        )
+        norms = lora_row_norms(*weight, self.weight_sq(*weight), lora_A, lora_B, scaling)
         if cache:
             self._adapters[name] = (key, norms)
         else:
@@ -154,11 +151,10 @@ class AqlmDoraVariant(LoraVariant):
     @staticmethod
     def init(module: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         base = module.quantized_base()
-        codes, codebooks, scales = module.quantized_weight()
         lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
         with torch.no_grad():
             norms = module.dora_norms.row_norms(
-                adapter_name, codes, codebooks, scales, lora_A, lora_B, module.scaling[adapter_name], cache=False
+                adapter_name, module.quantized_weight(), lora_A, lora_B, module.scaling[adapter_name], cache=False
             )
         dtype = torch.promote_types(base.codebooks.dtype, lora_A.dtype)
         module.lora_magnitude_vector[adapter_name] = DoraMagnitude(norms.to(dtype))

@@ -162,13 +162,18 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
     def lora_variants(self) -> dict:
         return {(): None, ("use_dora",): AqlmDoraVariant}
 
+    def _cache(self, key: str, make: Any) -> Any:
+        """The per-layer cache object ``key``, made by ``make()`` on first use. Kept in ``__dict__``,
+        outside ``nn.Module``'s attribute handling: never part of the state dict."""
+        cache = self.__dict__.get(key)
+        if cache is None:
+            cache = self.__dict__[key] = make()
+        return cache
+
     @property
     def dora_norms(self) -> DoraNorms:
         """The cached DoRA norms of this layer (see :class:`~aqlm_lora.lora.dora.DoraNorms`)."""
-        norms = self.__dict__.get("_dora_norms")
-        if norms is None:
-            norms = self.__dict__["_dora_norms"] = DoraNorms()
-        return norms
+        return self._cache("_dora_norms", DoraNorms)
 
     def quantized_base(self) -> nn.Module:
         """The ``aqlm.QuantizedLinear`` under this layer, also while merged (a dense copy then is the base layer)."""
@@ -179,6 +184,14 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         """``(codes, codebooks, scales)`` of :meth:`quantized_base`, the codes in canonical layout."""
         base = self.quantized_base()
         return canonical_codes(base), base.codebooks, base.scales
+
+    def dora_scale(self, name: str, weight: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+        """DoRA's ``m / ||W + s*B@A||`` per output row for adapter ``name`` (the norm detached, cached
+        outside training); ``weight``: :meth:`quantized_weight`, when the caller has it already."""
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        weight = self.quantized_weight() if weight is None else weight
+        norms = self.dora_norms.row_norms(name, weight, lora_A, lora_B, self.scaling[name], cache=not self.training)
+        return self.lora_magnitude_vector[name].weight.to(norms.dtype) / norms
 
     def train(self, mode: bool = True):
         if mode:  # cached adapter norms (used outside training only) live for one eval() stretch at most
@@ -263,9 +276,8 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         dropout_p = self._dropout_p(name, self.training)
         if name not in self.lora_magnitude_vector:
             return out + functional.lora_delta(x, lora_A, lora_B.weight, scaling, dropout_p, lora_B.bias)
-        norms = self.dora_norms.row_norms(name, *weight, lora_A, lora_B.weight, scaling, cache=not self.training)
         magnitude = self.lora_magnitude_vector[name].weight
-        scale = magnitude.to(norms.dtype) / norms
+        scale = self.dora_scale(name, weight)
         # Without a gradient for m, one scale per output row lets the rescaling ride in the fused call.
         fold = weight[1].shape[2] == 1 and not (torch.is_grad_enabled() and magnitude.requires_grad)
         return dora_step(out, x, weight, bias, lora_A, lora_B.weight, scaling, scale, dropout_p, fold)
@@ -339,10 +351,7 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
     @property
     def adapter_stack(self) -> AdapterStack:
         """The cached stacked adapter weights for mixed batches (see :mod:`aqlm_lora.lora.adapter_stack`)."""
-        stack = self.__dict__.get("_adapter_stack")
-        if stack is None:
-            stack = self.__dict__["_adapter_stack"] = AdapterStack()
-        return stack
+        return self._cache("_adapter_stack", AdapterStack)
 
     def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> Tensor:
         """Row ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``, or a name this
@@ -360,12 +369,9 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         stacked = self.adapter_stack.stacked(self)
         rows_per_item = x[0].numel() // x.shape[-1] if x.dim() > 1 and x.shape[-1] else 1
         indices = self.adapter_stack.indices(keys, stacked.index, rows_per_item, x.device)
-        codes, codebooks, scales = self.quantized_weight()
         return functional.aqlm_lora_mixed_linear(
             x,
-            codes,
-            codebooks,
-            scales,
+            *self.quantized_weight(),
             self.get_base_layer().bias,
             stacked.lora_A,
             stacked.lora_B_t,

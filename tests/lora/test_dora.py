@@ -195,7 +195,7 @@ def test_gradcheck_float64(scheme, dropout):
     names = [n for n in params if n.split(".")[1] in ("a", "b", "p")]
     fixed = {}
     for name in ("a", "b"):
-        fixed[name] = ours.dora_norms.row_norms(name, *ours.quantized_weight(), *_ab(ours, name), cache=False)
+        fixed[name] = ours.dora_norms.row_norms(name, ours.quantized_weight(), *_ab(ours, name), cache=False)
     ours.dora_norms.row_norms = lambda name, *args, **kwargs: fixed[name]
 
     def f(x, *tensors):
@@ -217,7 +217,7 @@ def test_norms_equal_dense_norms_in_float64(scheme):
     weight = dense_weight(ours.get_base_layer(), torch.float64)
     lora_A, lora_B, scaling = _ab(ours, "a")
     expected = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
-    norms = ours.dora_norms.row_norms("a", *ours.quantized_weight(), lora_A, lora_B, scaling, cache=False)
+    norms = ours.dora_norms.row_norms("a", ours.quantized_weight(), lora_A, lora_B, scaling, cache=False)
     assert norms.dtype == torch.float64
     torch.testing.assert_close(norms, expected.detach(), rtol=1e-12, atol=1e-12)
 
