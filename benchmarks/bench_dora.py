@@ -18,7 +18,6 @@ inference. Prints a markdown table; writes ``bench_dora.md``, ``.csv`` and ``.pn
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import statistics
@@ -28,10 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from plotting import pyplot  # benchmarks/plotting.py (scripts run with benchmarks/ on sys.path)
+from plotting import pyplot, save_figure, write_csv  # benchmarks/plotting.py (scripts run with benchmarks/ on sys.path)
 from torch import nn
 
 RANK, ALPHA = 16, 32
+CSV_FIELDS = ["layer", "measure", "median_s", "min_s", "max_s", "ratio_to_ours_lora"]
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             median, lora = medians[(name, kind)], medians[("ours LoRA", kind)]
             cells.append(f"{median * 1e3:.1f} ms ({median / lora:.2f}x ours LoRA)")
             spread = times[(name, kind)]
-            rows.append([name, kind, *(f"{t:.6f}" for t in (median, min(spread), max(spread))), f"{median / lora:.4f}"])
+            seconds = [f"{t:.6f}" for t in (median, min(spread), max(spread))]
+            rows.append(dict(zip(CSV_FIELDS, [name, kind, *seconds, f"{median / lora:.4f}"])))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
@@ -198,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_dora.md").write_text(table + "\n\n" + summary + "\n")
     _plot(layers, what, medians, title, out / "bench_dora.png")
-    with open(out / "bench_dora.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", "measure", "median_s", "min_s", "max_s", "ratio_to_ours_lora"])
-        writer.writerows(rows)
+    write_csv(out / "bench_dora.csv", rows)
     print(f"CSV: {out / 'bench_dora.csv'}", file=sys.stderr)
     return 0
 
@@ -219,9 +217,7 @@ def _plot(layers: list[str], what: list[str], medians: dict, title: str, path: P
     ax.set_ylabel("ms (median)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Prints a markdown table; writes ``bench_merge.csv``, ``bench_merge.md`` and ``be
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from plotting import pyplot  # benchmarks/plotting.py (scripts run with benchmarks/ on sys.path)
+from plotting import pyplot, save_figure, write_csv  # benchmarks/plotting.py (scripts run with benchmarks/ on sys.path)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -158,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_merge.md").write_text(table + "\n")
-    with open(out / "bench_merge.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "bench_merge.csv", rows)
     _plot(rows, out / "bench_merge.png")
     print(f"wrote {out / 'bench_merge.md'}, .csv, .png", file=sys.stderr)
     return 0
@@ -196,9 +192,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("validation perplexity (lower is better)")
     low = min(row["perplexity"] for row in rows)
     ax.set_xlim(low * 0.98, max(row["perplexity"] for row in rows) * 1.01)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

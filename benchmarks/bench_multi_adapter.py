@@ -25,7 +25,6 @@ benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from plotting import pyplot  # benchmarks/plotting.py (scripts run with benchmarks/ on sys.path)
+from plotting import pyplot, save_figure, write_csv  # benchmarks/plotting.py (scripts run with benchmarks/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -299,10 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("| " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_multi_adapter.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "bench_multi_adapter.csv", rows)
     _plot(rows, out / "bench_multi_adapter.png")
     print(f"wrote {out / 'bench_multi_adapter.csv'} and .png", file=sys.stderr)
     return 0
@@ -327,8 +323,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("ms per decode step (stack of layers)")
         ax.set_title(f"AQLM {scheme}, rank {RANK}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
