@@ -27,6 +27,7 @@ def adapters(workspace, tmp_path_factory):
 
     import aqlm_lora
     from aqlm_lora.app.models import load_causal_lm
+    from tests.support.layers import edit_adapters
 
     root = tmp_path_factory.mktemp("adapters")
     dirs = {}
@@ -37,10 +38,7 @@ def adapters(workspace, tmp_path_factory):
         model = load_causal_lm(workspace["aqlm"])
         config = aqlm_lora.register(LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
         peft_model = get_peft_model(model, config)
-        with torch.no_grad():
-            for n, p in peft_model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
+        edit_adapters(peft_model, lambda p: p.normal_(0, 0.5))
         dirs[name] = root / name
         peft_model.save_pretrained(dirs[name])
     return dirs

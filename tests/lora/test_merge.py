@@ -16,7 +16,7 @@ import aqlm_lora
 from aqlm_lora import AqlmLoraLinear
 from aqlm_lora.lora.merge import merge_and_unload
 from tests.lora.test_dora import build, dense_twin
-from tests.support.layers import IN_FEATURES, SCHEME_IDS, SCHEMES, lora_config, make_quantized_linear
+from tests.support.layers import IN_FEATURES, SCHEME_IDS, SCHEMES, edit_adapters, lora_config, make_quantized_linear
 from tests.support.tolerances import assert_close_fp32
 
 
@@ -150,12 +150,7 @@ def tiny_model(dora: bool):
     targets = ["q_proj", "v_proj", "down_proj"]
     config = LoraConfig(r=4, lora_alpha=8, use_dora=dora, target_modules=targets, init_lora_weights=False)
     peft_model = get_peft_model(model, aqlm_lora.register(config))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(0.1)
-            if "lora_magnitude_vector" in name:
-                p.mul_(1.1)
+    edit_adapters(peft_model, lambda p: p.mul_(0.1), lambda p: p.mul_(1.1))
     return peft_model.eval()
 
 

@@ -14,7 +14,7 @@ from torch import nn
 import aqlm_lora
 from aqlm_lora.app import cmd_merge
 from aqlm_lora.app.errors import UserError
-from tests.support.layers import TINY_LLAMA
+from tests.support.layers import TINY_LLAMA, edit_adapters
 from tests.support.tolerances import assert_close_fp32
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -51,12 +51,7 @@ def _save_adapter(model_dir: Path, out: Path, **config) -> torch.Tensor:
     aqlm_lora.use_fused_kernels(model)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **config)
     peft_model = get_peft_model(model, aqlm_lora.register(config))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-            if "lora_magnitude_vector" in name:
-                p.mul_(1.05)
+    edit_adapters(peft_model, lambda p: p.normal_(0, 0.05), lambda p: p.mul_(1.05))
     peft_model.save_pretrained(str(out))
     return _logits(peft_model.eval())
 

@@ -14,6 +14,7 @@ from aqlm_lora.lora.merge import merged_weight
 from aqlm_lora.lora.requantize import merge_and_quantize
 from aqlm_lora.quantize import layer_scheme
 from tests.lora.test_merge import _tiny_aqlm_model, tiny_model
+from tests.support.layers import edit_adapters
 from tests.support.tolerances import assert_close_fp32
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -67,13 +68,8 @@ def _args(layer):
 def test_dora_row_rescaling_requantizes_exactly():
     """B = 0 and m = c * ||W||: the merged weight is diag(c) W, which the 2x8 scales hold exactly."""
     peft_model = tiny_model(dora=True)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.zero_()
-            if "lora_magnitude_vector" in name:
-                torch.manual_seed(len(name))
-                p.mul_(torch.rand(p.shape) + 0.5)
+    g = torch.Generator().manual_seed(0)
+    edit_adapters(peft_model, lambda p: p.zero_(), lambda p: p.mul_(torch.rand(p.shape, generator=g) + 0.5))
     expected = _logits(peft_model)
     errors = {}
     model = merge_and_quantize(peft_model, rounds=0, errors=errors)

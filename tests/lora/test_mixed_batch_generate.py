@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import aqlm_lora
-from tests.support.layers import SCHEMES, TINY_LLAMA, tiny_aqlm_llama
+from tests.support.layers import SCHEMES, TINY_LLAMA, edit_adapters, tiny_aqlm_llama
 
 NAMES = ["a", "__base__", "b", "c", "a", "__base__", "c"]
 NEW_TOKENS = 8
@@ -45,12 +45,7 @@ def model():
         ),
     )
     torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1.2)
+    edit_adapters(peft_model, lambda p: p.normal_(0, 0.2), lambda p: p.mul_(1.2))
     peft_model.eval()
     return peft_model
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import aqlm
 import torch
@@ -230,3 +230,16 @@ def tiny_aqlm_llama(scheme: Scheme):
         layer.scales.data /= math.sqrt(linear.in_features)
         model.set_submodule(name, layer)
     return model
+
+
+def edit_adapters(
+    peft_model: nn.Module, lora_B: Callable[[Tensor], Any], magnitude: Callable[[Tensor], Any] = lambda p: p
+) -> None:
+    """Apply ``lora_B`` to every ``lora_B`` parameter (weight and bias) and ``magnitude`` to every DoRA
+    magnitude of ``peft_model``, in place without gradients: adapters that change the output."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                lora_B(p)
+            elif "lora_magnitude_vector" in name:
+                magnitude(p)
