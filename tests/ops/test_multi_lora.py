@@ -4,6 +4,8 @@ against autograd through the reference)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -187,22 +189,12 @@ def test_double_backward_is_refused():
 
 def _bad_calls(w):
     x, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices = mixed_args(w, 4)
+    good = inspect.signature(ops.lora_mixed_forward).bind(
+        x, *w.args(), None, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
+    )
 
-    def mixed(**change):
-        args = dict(
-            input=x,
-            codes=w.codes,
-            codebooks=w.codebooks,
-            scales=w.scales,
-            bias=None,
-            lora_A=lora_A,
-            lora_B_t=lora_B_t,
-            lora_bias=lora_bias,
-            scalings=scalings,
-            row_scale=row_scale,
-            indices=indices,
-        )
-        args.update(change)
+    def mixed(**change):  # the good call with the named arguments changed
+        args = {**good.arguments, **change}
         return lambda: ops.lora_mixed_forward(*args.values())
 
     return {
