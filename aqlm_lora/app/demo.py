@@ -25,10 +25,12 @@ from ..lora.fused_base import use_fused_kernels
 from ..quantize import parse_scheme
 from .demo_phases import (
     Laps,
+    final_paths,
     finetune_lora,
     quantize_to,
     recovered,
     save_adapter,
+    save_data,
     say,
     time_training_steps,
     train_dense,
@@ -107,9 +109,7 @@ def run_demo(
     )
 
     with staged_dir(out_dir) as work:
-        (work / "data").mkdir()
-        (work / "data" / "train.txt").write_text(train_text)
-        (work / "data" / "valid.txt").write_text(valid_text)
+        save_data(work, train_text, valid_text)
 
         # 1. Dense model.
         model = build_model(cfg, tokenizer, seed)
@@ -144,11 +144,7 @@ def run_demo(
         ppl_lora = perplexity(peft_model, valid_tokens, cfg.seq)
         laps.lap("lora_eval")
         say(f"AQLM {scheme} + LoRA r={cfg.r}: {cfg.lora_steps} steps, validation perplexity {ppl_lora:.3f}")
-        final = {
-            "model_dir": str(out_dir / qdir.name),
-            "data": str(out_dir / "data" / "train.txt"),
-            "teacher": str(out_dir / "dense") if cfg.distill else None,
-        }
+        final = final_paths(out_dir, qdir, cfg.distill)
         save_adapter(peft_model, optimizer, lora_settings, lora, work, "adapter", final=final)
         del peft_model, model, optimizer
 

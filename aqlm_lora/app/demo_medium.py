@@ -35,10 +35,12 @@ from .demo import build_model
 from .demo_phases import (
     KLToReference,
     Laps,
+    final_paths,
     finetune_lora,
     quantize_to,
     recovered,
     save_adapter,
+    save_data,
     say,
     stored_bits_per_weight,
     train_dense,
@@ -166,10 +168,7 @@ class _MediumRun:
 
     def tokenizer_and_data(self, train_text: str, valid_text: str, files: list[str]) -> None:
         """Train the BPE tokenizer and save it first: the data is read back through it as ``eval`` reads it."""
-        data_dir = self.work / "data"
-        data_dir.mkdir()
-        (data_dir / "train.txt").write_text(train_text)
-        (data_dir / "valid.txt").write_text(valid_text)
+        data_dir = save_data(self.work, train_text, valid_text)
         self.hf_tokenizer = train_bpe(train_text, self.cfg.vocab_size)
         self.hf_tokenizer.save_pretrained(str(self.dense_dir))
         tokenizer = load_tokenizer(self.dense_dir)
@@ -233,11 +232,7 @@ class _MediumRun:
             f"AQLM {scheme} + LoRA r={cfg.r}: {cfg.lora_steps} steps, validation perplexity {ppl_lora:.3f}, "
             f"KL to dense {kl_lora.value:.4f}"
         )
-        final = {
-            "model_dir": str(self.out_dir / qdir.name),
-            "data": str(self.out_dir / "data" / "train.txt"),
-            "teacher": str(self.out_dir / "dense") if cfg.distill else None,
-        }
+        final = final_paths(self.out_dir, qdir, cfg.distill)
         save_adapter(peft_model, optimizer, settings, lora, self.work, f"adapter-{scheme}", final=final)
         share = recovered(self.ppl["dense"], ppl_quant, ppl_lora)
         self.ppl[f"aqlm_{scheme}"], self.ppl[f"aqlm_{scheme}_lora"] = ppl_quant, ppl_lora

@@ -74,16 +74,15 @@ def loss_lines(label: str, steps: int, every: int, tokens_per_step: int) -> Opti
     return LossLines(ProgressLog(label, "step", 0, steps, every, tokens_per_step)) if every else None
 
 
+def _phase_settings(cfg, seed: int, steps: int, lr: float, **more) -> TrainSettings:
+    """The settings of a phase's training steps: the demo's batch of ``cfg.batch`` windows of
+    ``cfg.seq`` tokens, the run's seed, and the phase's own steps, learning rate and ``more``."""
+    return TrainSettings(steps=steps, lr=lr, batch=cfg.batch, seq=cfg.seq, seed=seed, **more)
+
+
 def train_dense(model: nn.Module, tokens: Tensor, cfg, seed: int, progress: bool, log_every: int = 0) -> TrainResult:
     """Train ``model`` from scratch on ``tokens``: AdamW, warm-up then cosine decay; left in eval mode."""
-    settings = TrainSettings(
-        steps=cfg.dense_steps,
-        lr=cfg.dense_lr,
-        batch=cfg.batch,
-        seq=cfg.seq,
-        seed=seed,
-        weight_decay=cfg.dense_weight_decay,
-    )
+    settings = _phase_settings(cfg, seed, cfg.dense_steps, cfg.dense_lr, weight_decay=cfg.dense_weight_decay)
     optimizer = make_optimizer(model, settings)
     result = train_steps(
         model,
@@ -157,9 +156,7 @@ def finetune_lora(
     torch.manual_seed(seed)
     model.name_or_path = str(base_dir)  # PEFT reads the base config from here when saving
     peft_model = new_adapter(model, cfg.r, cfg.alpha, cfg.dropout)
-    settings = TrainSettings(
-        steps=cfg.lora_steps, lr=cfg.lora_lr, batch=cfg.batch, seq=cfg.seq, seed=seed, warmup=LORA_WARMUP
-    )
+    settings = _phase_settings(cfg, seed, cfg.lora_steps, cfg.lora_lr, warmup=LORA_WARMUP)
     optimizer = make_optimizer(peft_model, settings)
     teacher = load_causal_lm(teacher_dir).eval() if teacher_dir is not None else None
     lines = loss_lines(desc, cfg.lora_steps, log_every, cfg.batch * cfg.seq)
@@ -169,13 +166,33 @@ def finetune_lora(
     return peft_model, optimizer, settings, result
 
 
+def save_data(work: Path, train_text: str, valid_text: str) -> Path:
+    """``work/data/train.txt`` and ``valid.txt``: the splits the demo trains and evaluates on; returns the folder."""
+    data_dir = work / "data"
+    data_dir.mkdir()
+    (data_dir / "train.txt").write_text(train_text)
+    (data_dir / "valid.txt").write_text(valid_text)
+    return data_dir
+
+
+def final_paths(out_dir: Path, model_dir: Path, distill: bool) -> dict:
+    """What :func:`save_adapter` records for an adapter trained on the AQLM model ``model_dir`` and the
+    data of :func:`save_data`, distilled from ``dense/`` when ``distill``: those paths as they will be
+    once the staged output folder holding them is renamed to ``out_dir``."""
+    return {
+        "model_dir": str(out_dir / model_dir.name),
+        "data": str(out_dir / "data" / "train.txt"),
+        "teacher": str(out_dir / "dense") if distill else None,
+    }
+
+
 def save_adapter(
     peft_model, optimizer, settings: TrainSettings, result: TrainResult, work: Path, name: str, *, final: dict
 ) -> None:
     """Save the adapter as ``finetune`` does into ``work/name``; paths in it name the final folder.
 
     ``final``: ``model_dir``, ``data`` and ``teacher`` (or None) as they will be after the staged
-    output folder is renamed into place.
+    output folder is renamed into place (:func:`final_paths`).
     """
     state = {
         "global_step": result.global_step,
@@ -246,7 +263,7 @@ def time_training_steps(
         use_fused_kernels(model)
     peft_model = new_adapter(model, cfg.r, cfg.alpha, cfg.dropout, ours=kind == "ours")
     layer_type = type(peft_model.base_model.model.model.layers[0].self_attn.q_proj)
-    settings = TrainSettings(steps=1, lr=cfg.lora_lr, batch=cfg.batch, seq=cfg.seq, seed=seed)
+    settings = _phase_settings(cfg, seed, 1, cfg.lora_lr)
     optimizer = make_optimizer(peft_model, settings)
     if before_steps is not None:
         before_steps()
