@@ -28,7 +28,6 @@ unless ``--out`` is given. docs/benchmark_ggml.md explains how to read them.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -335,30 +334,42 @@ def markdown(args: argparse.Namespace, info: dict[str, str], rows: list[dict], n
     return "\n".join(parts)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    fields = ["kind", "shape", "tokens", "impl", "median_ms", "iqr_ms", "min_ms", "rel_err", "status"]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            values = {"median_ms": r.get("ms"), "iqr_ms": r.get("iqr"), "min_ms": r.get("min"), "rel_err": r.get("err")}
-            text = {k: "" if v is None else f"{v:.6g}" for k, v in values.items()}
-            writer.writerow({k: r[k] for k in fields[:4]} | text | {"status": r.get("status", "ok")})
+def plotting() -> ModuleType:
+    """benchmarks/plotting.py, the benchmarks' shared figure and CSV output (one folder up)."""
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))
+    import plotting as shared
+
+    return shared
+
+
+def csv_rows(rows: list[dict]) -> list[dict[str, Any]]:
+    """One CSV row per measurement: numbers to 6 digits, empty where not measured, status "ok" or why not."""
+    out = []
+    for r in rows:
+        values = {"median_ms": r.get("ms"), "iqr_ms": r.get("iqr"), "min_ms": r.get("min"), "rel_err": r.get("err")}
+        out.append(
+            {k: r[k] for k in ("kind", "shape", "tokens", "impl")}
+            | {k: "" if v is None else f"{v:.6g}" for k, v in values.items()}
+            | {"status": r.get("status", "ok")}
+        )
+    return out
 
 
 def plot(path: Path, rows: list[dict]) -> None:
     """Median ms vs N, one panel per shape: ggml dashed, ours solid, dense dotted."""
-    sys.path.insert(0, str(HERE.parent))  # benchmarks/plotting.py
-    from plotting import pyplot
-
-    plt = pyplot()
+    plt = plotting().pyplot()
     shapes = list(dict.fromkeys(r["shape"] for r in rows if r["kind"] == "linear"))
     if plt is None or not shapes:
         return
     impls = list(dict.fromkeys(r["impl"] for r in rows if r["kind"] == "linear"))
     colors = plt.get_cmap("tab20").colors  # one colour per contender, the same in every panel
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.5), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
+    cols = min(2, len(shapes))
+    nrows = math.ceil(len(shapes) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(shapes) :]:
+        ax.set_visible(False)
+    for ax, shape in zip(axes.flat, shapes):
         sel = [r for r in find(rows, kind="linear", shape=shape) if r.get("ms")]
         for i, impl in enumerate(impls):
             pts = sorted((r["tokens"], r["ms"]) for r in sel if r["impl"] == impl)
@@ -368,10 +379,8 @@ def plot(path: Path, rows: list[dict]) -> None:
                 ax.plot(*zip(*pts), style, marker=marker, color=colors[i % len(colors)], label=impl)
         ax.set(xscale="log", yscale="log", title=f"{shape} (out x in)", xlabel="tokens N", ylabel="median ms")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes.flat[0].legend(fontsize=7, ncol=2)
+    plotting().save_figure(fig, path, dpi=110)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -404,7 +413,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     text = markdown(args, info, rows, note, missing)
     print(text)
     (args.out / "bench_ggml.md").write_text(text)
-    write_csv(args.out / "bench_ggml.csv", rows)
+    plotting().write_csv(args.out / "bench_ggml.csv", csv_rows(rows))
     plot(args.out / "bench_ggml.png", rows)
     bc.log(f"wrote {args.out / 'bench_ggml.md'}, .csv, .png")
 
