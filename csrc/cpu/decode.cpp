@@ -134,6 +134,11 @@ void gather_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows,
 
 bool use_lut(const AqlmDims& d) { return d.nbits <= 8; }
 
+// The table of N rows must stay cache-sized; larger ones gather codebook rows instead.
+bool lut_fits(const AqlmDims& d, int64_t n_rows) {
+  return d.in_groups * d.num_codebooks * d.codebook_size * d.out_group * n_rows * 4 <= kMaxLutBytes;
+}
+
 // The few-row kernels sum x . codebook per codebook before adding the codebooks up, so an
 // infinite x meeting codebook entries of opposite signs gives inf - inf = NaN where x @ W^T (W
 // summed first) gives +-inf. Rows with Inf or NaN therefore take the dequantize + GEMM path,
@@ -173,26 +178,27 @@ bool simd_enabled() {
 
 // Which kernel runs x @ W^T on the CPU; N = rows of x, C x B g<ig> o<og> the scheme:
 //
-//   rows and scheme                                   | x           | kernel
-//   N > 8, og * N > 64, LUT > 8 MiB, or Inf/NaN in x  | any         | kGemm (bf16 GEMM for bf16 x on AVX512-BF16 CPUs)
-//   N <= 8, og 1, ig 8, not (B <= 8 and N == 1)       | float32     | kAvx2Gather
-//   N <= 8, B <= 8, K % 8 == 0 (other shapes)         | float32     | kAvx2Lut
-//   N <= 8, B <= 8                                    | other/no AVX2 | kDecodeLut
-//   N <= 8, B > 8                                     | other/no AVX2 | kDecodeGather
+//   rows and scheme                                   | x             | kernel
+//   N > 8, og * N > 64, or Inf/NaN in x               | any           | kGemm (bf16 GEMM for bf16 x on AVX512-BF16 CPUs)
+//   N <= 8, og 1, ig 8                                | float32       | kAvx2Gather
+//   N <= 8, B <= 8, K % 8 == 0, LUT <= 8 MiB          | float32       | kAvx2Lut
+//   N <= 8, B <= 8, LUT <= 8 MiB                      | other/no AVX2 | kDecodeLut
+//   N <= 8, B > 8 or LUT > 8 MiB                      | other/no AVX2 | kDecodeGather
 //
 // "LUT" is the lookup table of B <= 8 schemes: in_groups * C * 2**B * og * N floats.
 // The AVX2 kernels need codebooks in float32/16/bf16 and AQLM_LORA_CPU_KERNELS != generic.
 Kernel choose_kernel(const AqlmDims& d, const at::Tensor& x, at::ScalarType codebooks) {
   const int64_t n = x.size(0);
   if (!decode_fits(d, n) || !rows_finite(x)) return Kernel::kGemm;
+  const bool lut = use_lut(d) && lut_fits(d, n);
   simd::CodebookType type;
   if (simd_enabled() && x.scalar_type() == at::kFloat && avx2_codebooks(codebooks, &type)) {
-    // 8-bit codes, one token: a lookup table. Otherwise, for out_group 1 and in_group 8, gathering
-    // codebook rows is faster (the 2x8 codebooks live in L1) and scales better with tokens.
-    if (d.out_group == 1 && d.in_group == 8 && !(use_lut(d) && n == 1)) return Kernel::kAvx2Gather;
-    if (use_lut(d) && d.codebook_size % 8 == 0) return Kernel::kAvx2Lut;
+    // Gathering codebook rows (the 2x8 codebooks live in L1) reads the codes in order and loads
+    // each x group once for several rows; the per-group tables of the LUT kernel outgrow L1.
+    if (d.out_group == 1 && d.in_group == 8) return Kernel::kAvx2Gather;
+    if (lut && d.codebook_size % 8 == 0) return Kernel::kAvx2Lut;
   }
-  return use_lut(d) ? Kernel::kDecodeLut : Kernel::kDecodeGather;
+  return lut ? Kernel::kDecodeLut : Kernel::kDecodeGather;
 }
 
 void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
@@ -250,15 +256,13 @@ void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, co
 }
 
 bool decode_fits(const AqlmDims& d, int64_t n_rows) {
-  if (n_rows < 1 || n_rows > kDecodeMaxRows || d.out_group * n_rows > kMaxAccumulators) return false;
-  if (!use_lut(d)) return true;
-  const int64_t lut_bytes = d.in_groups * d.num_codebooks * d.codebook_size * d.out_group * n_rows * 4;
-  return lut_bytes <= kMaxLutBytes;
+  return n_rows >= 1 && n_rows <= kDecodeMaxRows && d.out_group * n_rows <= kMaxAccumulators;
 }
 
 template <typename acc_t, typename code_t>
-void decode_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, acc_t* y) {
-  if (use_lut(w.d)) {
+void decode_gemm(const Weight<acc_t, code_t>& w, Kernel kernel, const acc_t* x, int64_t n_rows, acc_t* y) {
+  TORCH_INTERNAL_ASSERT(kernel == Kernel::kDecodeLut || kernel == Kernel::kDecodeGather);
+  if (kernel == Kernel::kDecodeLut) {
     if (w.d.out_group * n_rows == 1) return lut_gemm<1>(w, x, n_rows, y);
     return lut_gemm<0>(w, x, n_rows, y);
   }
@@ -267,7 +271,7 @@ void decode_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows,
 }
 
 #define AQLM_LORA_INSTANTIATE(acc_t, code_t) \
-  template void decode_gemm<acc_t, code_t>(const Weight<acc_t, code_t>&, const acc_t*, int64_t, acc_t*);
+  template void decode_gemm<acc_t, code_t>(const Weight<acc_t, code_t>&, Kernel, const acc_t*, int64_t, acc_t*);
 AQLM_LORA_FOR_EACH_WEIGHT_TYPE(AQLM_LORA_INSTANTIATE)
 #undef AQLM_LORA_INSTANTIATE
 

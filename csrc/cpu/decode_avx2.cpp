@@ -2,6 +2,7 @@
 // the portable fallbacks and the threading). Every output is reduced in a fixed order by one
 // thread, so results do not depend on the thread count.
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/decode_simd.h"
 
@@ -105,46 +106,106 @@ void lut_rows_wide(const DecodeProblem& p, const float* lut, int64_t o_begin, in
   }
 }
 
-// kN tokens, one output row at a time: kN accumulators (more rows in flight measured slower).
-template <CodebookType T, typename code_t, int kN>
-void gather_rows(const DecodeProblem& p, const void* codebooks, int64_t o_begin, int64_t o_end) {
+// One output row's weights for in-group i: the sum of its C codebook rows (eight floats). The
+// codebooks are added before meeting x, as in the dequantized W, so Inf/NaN behave alike.
+template <CodebookType T, typename code_t, int kC>
+inline __m256 weight_row(const void* codebooks, const code_t* cp, int64_t C, int64_t K, uint32_t mask) {
+  const int64_t n_cb = kC > 0 ? kC : C;
+  __m256 w = load8_codebook<T>(codebooks, (code_at(cp) & mask) * 8);
+  for (int64_t c = 1; c < n_cb; ++c) w = _mm256_add_ps(w, load8_codebook<T>(codebooks, (c * K + (code_at(cp + c) & mask)) * 8));
+  return w;
+}
+
+// Codes of four consecutive groups of one row in one 64-bit load: 2x8 (2 x int8) and 1x16 (int16).
+template <typename code_t, int kC>
+constexpr bool kWordOfFourGroups = kC > 0 && sizeof(code_t) * kC == 2;
+
+// Group g's weight row from such a word: codebook c's index is the 8 * sizeof(code_t) bits at
+// 16 * g + 8 * sizeof(code_t) * c (little-endian), masked like code_index.
+template <CodebookType T, typename code_t, int kC>
+inline __m256 weight_row_of_word(const void* codebooks, uint64_t word, int g, int64_t K, uint32_t mask) {
+  constexpr int kBits = 8 * sizeof(code_t);
+  __m256 w = load8_codebook<T>(codebooks, ((word >> (16 * g)) & mask) * 8);
+  for (int c = 1; c < kC; ++c)
+    w = _mm256_add_ps(w, load8_codebook<T>(codebooks, (c * K + ((word >> (16 * g + kBits * c)) & mask)) * 8));
+  return w;
+}
+
+// kRows output rows x kN tokens at a time: each x group is loaded once for kRows rows and each
+// weight row once for kN tokens. An output's eight lanes are summed over i in order and then
+// reduced, whatever kRows is, so results do not depend on the blocking or the thread count.
+template <CodebookType T, typename code_t, int kC, int kN, int kRows>
+void gather_block(const DecodeProblem& p, const void* codebooks, int64_t o0) {
   const code_t* codes = static_cast<const code_t*>(p.codes);
-  const int64_t I = p.in_groups, C = p.num_codebooks, K = p.codebook_size;
+  const int64_t I = p.in_groups, C = kC > 0 ? kC : p.num_codebooks, K = p.codebook_size;
   const int64_t in = I * 8, out = p.out_groups;
   const uint32_t mask = static_cast<uint32_t>(K - 1);
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    __m256 acc[kN];
-    for (int n = 0; n < kN; ++n) acc[n] = _mm256_setzero_ps();
-    const code_t* cp = codes + o * I * C;
-    for (int64_t i = 0; i < I; ++i, cp += C) {
-      for (int64_t c = 0; c < C; ++c) {
-        const __m256 v = load8_codebook<T>(codebooks, (c * K + (code_at(cp + c) & mask)) * 8);
-        for (int n = 0; n < kN; ++n) acc[n] = _mm256_fmadd_ps(v, _mm256_loadu_ps(p.x + n * in + i * 8), acc[n]);
+  __m256 acc[kRows][kN];
+  for (int r = 0; r < kRows; ++r)
+    for (int n = 0; n < kN; ++n) acc[r][n] = _mm256_setzero_ps();
+  const code_t* cp = codes + o0 * I * C;
+  const auto accumulate = [&](const __m256 (&w)[kRows], int64_t i) {
+    for (int n = 0; n < kN; ++n) {
+      const __m256 xv = _mm256_loadu_ps(p.x + n * in + i * 8);
+      for (int r = 0; r < kRows; ++r) acc[r][n] = _mm256_fmadd_ps(w[r], xv, acc[r][n]);
+    }
+  };
+  int64_t i = 0;
+  if constexpr (kWordOfFourGroups<code_t, kC>) {
+    for (; i + 4 <= I; i += 4) {
+      uint64_t words[kRows];
+      for (int r = 0; r < kRows; ++r) std::memcpy(&words[r], cp + (r * I + i) * C, sizeof(uint64_t));
+      for (int g = 0; g < 4; ++g) {
+        __m256 w[kRows];
+        for (int r = 0; r < kRows; ++r) w[r] = weight_row_of_word<T, code_t, kC>(codebooks, words[r], g, K, mask);
+        accumulate(w, i + g);
       }
     }
-    const float s = p.scales[o];
-    for (int n = 0; n < kN; ++n) p.y[n * out + o] = s * hsum(acc[n]);
+  }
+  for (; i < I; ++i) {
+    __m256 w[kRows];
+    for (int r = 0; r < kRows; ++r) w[r] = weight_row<T, code_t, kC>(codebooks, cp + (r * I + i) * C, C, K, mask);
+    accumulate(w, i);
+  }
+  for (int r = 0; r < kRows; ++r) {
+    const float s = p.scales[o0 + r];
+    for (int n = 0; n < kN; ++n) p.y[n * out + o0 + r] = s * hsum(acc[r][n]);
   }
 }
 
-template <CodebookType T, typename code_t>
+// Rows in flight per token count: kRows * (kN + 1) + 1 of the 16 ymm registers.
+template <CodebookType T, typename code_t, int kC, int kN>
+void gather_rows(const DecodeProblem& p, const void* codebooks, int64_t o_begin, int64_t o_end) {
+  constexpr int kRows = kN == 1 ? 4 : kN <= 2 ? 4 : kN <= 6 ? 2 : 1;
+  int64_t o = o_begin;
+  for (; o + kRows <= o_end; o += kRows) gather_block<T, code_t, kC, kN, kRows>(p, codebooks, o);
+  for (; o < o_end; ++o) gather_block<T, code_t, kC, kN, 1>(p, codebooks, o);
+}
+
+template <CodebookType T, typename code_t, int kC>
 void gather_rows_n(const DecodeProblem& p, const void* cb, int64_t o_begin, int64_t o_end) {
   switch (p.n_rows) {
-    case 1: return gather_rows<T, code_t, 1>(p, cb, o_begin, o_end);
-    case 2: return gather_rows<T, code_t, 2>(p, cb, o_begin, o_end);
-    case 3: return gather_rows<T, code_t, 3>(p, cb, o_begin, o_end);
-    case 4: return gather_rows<T, code_t, 4>(p, cb, o_begin, o_end);
-    case 5: return gather_rows<T, code_t, 5>(p, cb, o_begin, o_end);
-    case 6: return gather_rows<T, code_t, 6>(p, cb, o_begin, o_end);
-    case 7: return gather_rows<T, code_t, 7>(p, cb, o_begin, o_end);
-    default: return gather_rows<T, code_t, 8>(p, cb, o_begin, o_end);
+    case 1: return gather_rows<T, code_t, kC, 1>(p, cb, o_begin, o_end);
+    case 2: return gather_rows<T, code_t, kC, 2>(p, cb, o_begin, o_end);
+    case 3: return gather_rows<T, code_t, kC, 3>(p, cb, o_begin, o_end);
+    case 4: return gather_rows<T, code_t, kC, 4>(p, cb, o_begin, o_end);
+    case 5: return gather_rows<T, code_t, kC, 5>(p, cb, o_begin, o_end);
+    case 6: return gather_rows<T, code_t, kC, 6>(p, cb, o_begin, o_end);
+    case 7: return gather_rows<T, code_t, kC, 7>(p, cb, o_begin, o_end);
+    default: return gather_rows<T, code_t, kC, 8>(p, cb, o_begin, o_end);
   }
 }
 
+// The common 1- and 2-codebook schemes get the codebook loop unrolled at compile time.
 template <CodebookType T>
 void gather_rows_codes(const DecodeProblem& p, const void* cb, int64_t o_begin, int64_t o_end) {
-  if (p.codes_int16) return gather_rows_n<T, int16_t>(p, cb, o_begin, o_end);
-  return gather_rows_n<T, int8_t>(p, cb, o_begin, o_end);
+  if (p.codes_int16) {
+    if (p.num_codebooks == 1) return gather_rows_n<T, int16_t, 1>(p, cb, o_begin, o_end);
+    return gather_rows_n<T, int16_t, 0>(p, cb, o_begin, o_end);
+  }
+  if (p.num_codebooks == 2) return gather_rows_n<T, int8_t, 2>(p, cb, o_begin, o_end);
+  if (p.num_codebooks == 1) return gather_rows_n<T, int8_t, 1>(p, cb, o_begin, o_end);
+  return gather_rows_n<T, int8_t, 0>(p, cb, o_begin, o_end);
 }
 
 }  // namespace

@@ -45,11 +45,6 @@ template <typename acc_t, typename code_t>
 void dequantize_tile(const Weight<acc_t, code_t>& w, int64_t o0, int64_t o1, int64_t i0, int64_t i1, acc_t* dst,
                      int64_t ld);
 
-// kDecodeLut / kDecodeGather: y[n, :] = x[n, :] @ W^T for n < N few rows. x [N, in] and
-// y [N, out] are contiguous; parallel over output groups.
-template <typename acc_t, typename code_t>
-void decode_gemm(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, acc_t* y);
-
 // The kernel that computes x @ W^T for one call (ARCHITECTURE.md prints the table of
 // choose_kernel in decode.cpp). The few-row kernels read the codes without dequantizing W.
 enum class Kernel {
@@ -63,8 +58,13 @@ enum class Kernel {
 // x: the [N, in] rows in the accumulation type (scanned for Inf/NaN only when few enough rows).
 Kernel choose_kernel(const AqlmDims& d, const at::Tensor& x, at::ScalarType codebooks);
 
-// Few enough rows (and a small enough table) for the few-row kernels, whatever the dtypes.
+// Few enough rows for the few-row kernels, whatever the dtypes.
 bool decode_fits(const AqlmDims& d, int64_t n_rows);
+
+// kDecodeLut / kDecodeGather: y[n, :] = x[n, :] @ W^T for n < N few rows. x [N, in] and
+// y [N, out] are contiguous; parallel over output groups.
+template <typename acc_t, typename code_t>
+void decode_gemm(const Weight<acc_t, code_t>& w, Kernel kernel, const acc_t* x, int64_t n_rows, acc_t* y);
 
 // Runs kAvx2Lut / kAvx2Gather: out [N, out] float32 = x @ W^T.
 void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,

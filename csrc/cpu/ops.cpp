@@ -95,7 +95,7 @@ void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, Kernel kerne
   const AqlmDims& d = w.d;
   const int64_t n = x.size(0), in = d.in_features();
   if (n == 0) return;
-  if (kernel != Kernel::kGemm) return decode_gemm(w, x.data_ptr<acc_t>(), n, out.data_ptr<acc_t>());
+  if (kernel != Kernel::kGemm) return decode_gemm(w, kernel, x.data_ptr<acc_t>(), n, out.data_ptr<acc_t>());
   const int64_t groups_per_block = std::max<int64_t>(1, kBlockRows / d.out_group);
   const int64_t blocks = (d.out_groups + groups_per_block - 1) / groups_per_block;
   const int64_t block_work = groups_per_block * d.out_group * in * (n + d.num_codebooks);

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
         ("tests/ops/test_ops.py", "test_lora_forward and (N1 or N7)"),
         ("tests/ops/test_ops.py", "test_lora_backward and N7"),
         ("tests/ops/test_scheme_grid.py", "fp32"),
+        ("tests/ops/test_decode_kernels.py", "cb_fp32 or thread"),
     ],
-    ids=["gemm", "lora_forward", "lora_backward", "scheme_grid"],
+    ids=["gemm", "lora_forward", "lora_backward", "scheme_grid", "decode_kernels"],
 )
 @pytest.mark.slow
 def test_generic_kernels_pass_op_tests(path, selection):
