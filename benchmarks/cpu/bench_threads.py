@@ -6,10 +6,10 @@ most of it the stalled 2-thread steps)::
     .venv/bin/python benchmarks/cpu/bench_threads.py
     .venv/bin/python benchmarks/cpu/bench_threads.py --steps 10 --max-seconds 5   # shorter
 
-Each setting runs in its own process (OpenMP reads its environment once, at start-up): the
-demo-sized Llama (4 layers, hidden 128, MLP 384, byte vocabulary) as AQLM 2x8 with our LoRA
-(``target_modules="all-linear"``) and as a dense model with PEFT's LoRA, LoRA r=16, AdamW steps on
-a batch of 4 x 128 tokens. Settings: torch/OpenMP threads 1 and 2, and 2 threads with
+Each setting runs in its own process (OpenMP reads its environment once, at start-up): the small
+demo's Llama (``aqlm_lora.app.demo.build_model``: 4 layers, hidden 128, MLP 384, byte vocabulary)
+as AQLM 2x8 with our LoRA (``target_modules="all-linear"``) and as a dense model with PEFT's LoRA,
+LoRA r=16, AdamW steps on a batch of 4 x 128 tokens. Settings: torch/OpenMP threads 1 and 2, and 2 threads with
 ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep at once instead of spinning) or with
 ``GOMP_SPINCOUNT=10000`` (libgomp spins 30x less than its default 300000, then sleeps); each on its
 own and next to one busy-looping process (``--load``, default 1). A model's timed steps stop after
@@ -53,26 +53,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _models():
+    import copy
+
     import torch
     from peft import LoraConfig, get_peft_model
     from torch import nn
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import aqlm_lora
+    from aqlm_lora.app.demo import DemoConfig, build_model
+    from aqlm_lora.app.text import ByteTokenizer
     from aqlm_lora.scheme import Scheme
 
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    dense = LlamaForCausalLM(config)
-    quantized = LlamaForCausalLM(config)
-    quantized.load_state_dict(dense.state_dict())
+    dense = build_model(DemoConfig(), ByteTokenizer(), seed=0)  # the small demo's model, as it builds it
+    quantized = copy.deepcopy(dense)
     for name, module in list(quantized.named_modules()):
         if isinstance(module, nn.Linear) and name != "lm_head":  # random codes: the time is what counts
             weights = measure.make_weights(module.out_features, module.in_features, Scheme(2, 8))
