@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from aqlm_lora.app.demo import DemoConfig, run_demo
+from aqlm_lora.app.demo import run_demo
+from tests.support.cli import TINY_DEMO
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -48,9 +49,7 @@ def test_bench_dora_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_bench_merge_on_a_tiny_demo(tmp_path):
-    cfg = DemoConfig(hidden=64, intermediate=128, layers=1, heads=2, seq=32, batch=4, dense_steps=4, lora_steps=3)
-    cfg.stock_steps, cfg.train_bytes, cfg.valid_bytes = 0, 20000, 4000
-    run_demo(str(tmp_path / "demo"), progress=False, config=cfg)
+    run_demo(str(tmp_path / "demo"), progress=False, config=TINY_DEMO)
     out = tmp_path / "out"
     argv = ["--demo-dir", tmp_path / "demo", "--tune-steps", "2", "--calibration-windows", "4", "--out", out]
     printed = _script("bench_merge.py", *argv, cwd=tmp_path)

@@ -7,26 +7,14 @@ import json
 import pytest
 
 from aqlm_lora.app import cli
-from aqlm_lora.app.demo import DemoConfig, run_demo
+from aqlm_lora.app.demo import run_demo
 from aqlm_lora.app.text import TOKENIZER_FILE
+from tests.support.cli import TINY_DEMO
 
 
 def test_demo_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    cfg = DemoConfig(
-        hidden=64,
-        intermediate=128,  # 128 output rows: more than one row block in the CPU kernels
-        layers=1,
-        heads=2,
-        seq=32,
-        batch=4,
-        dense_steps=4,
-        lora_steps=3,
-        stock_steps=0,
-        train_bytes=20000,
-        valid_bytes=4000,
-    )
-    assert run_demo(str(out), progress=False, config=cfg) == 0
+    assert run_demo(str(out), progress=False, config=TINY_DEMO) == 0
     printed = capsys.readouterr().out
     for name in ("dense/config.json", "aqlm-2x8/config.json", "adapter/adapter_model.safetensors", "results.json"):
         assert (out / name).is_file(), name

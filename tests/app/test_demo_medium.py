@@ -11,19 +11,13 @@ from aqlm_lora.app import cli, cmd_demo
 from aqlm_lora.app.bpe import train_bpe
 from aqlm_lora.app.demo_medium import MediumConfig, SchemeRun, run_medium_demo
 from aqlm_lora.app.demo_report import perplexity_table, step_table
+from tests.support.cli import TINY_RUN
 
 TINY_MEDIUM = MediumConfig(
     vocab_size=300,
     hidden=32,
     intermediate=64,
-    layers=1,
-    heads=2,
-    seq=32,
-    train_bytes=20000,
-    valid_bytes=4000,
-    batch=4,
-    dense_steps=4,
-    lora_steps=3,
+    **TINY_RUN,
     schemes=(SchemeRun("2x8", rounds=1, kmeans_iters=2), SchemeRun("1x16", rounds=0, kmeans_iters=0)),
     timed_steps=1,
     timing_budget_s=10,

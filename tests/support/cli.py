@@ -18,6 +18,12 @@ from aqlm_lora.app.text import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = DemoConfig(hidden=32, intermediate=64, layers=2, heads=2, seq=32)
+# Both demos' phases shrunk to seconds (fields of DemoConfig and MediumConfig alike): one layer,
+# 32-token windows, a few steps on 20 kB of text.
+TINY_RUN = dict(layers=1, heads=2, seq=32, batch=4, dense_steps=4, lora_steps=3, train_bytes=20000, valid_bytes=4000)
+# The small demo so shrunk, without timing PEFT's stock layer; 128 output rows (intermediate): more
+# than one row block in the CPU kernels.
+TINY_DEMO = DemoConfig(hidden=64, intermediate=128, stock_steps=0, **TINY_RUN)
 WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "if", "else", "(", ")", ":", "\n"]
 # The smallest finetune run: 2 steps of 2 windows of 16 tokens.
 TRAIN = ["--steps", "2", "--batch", "2", "--seq", "16", "--no-progress"]
