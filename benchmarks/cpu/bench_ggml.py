@@ -3,7 +3,7 @@
 Run from the repository root with the project's venv (ggml-python: ``.venv/bin/pip install ggml-python``)::
 
     .venv/bin/python benchmarks/cpu/bench_ggml.py            # full sweep -> benchmarks/results/ggml/
-    .venv/bin/python benchmarks/cpu/bench_ggml.py --quick    # 4096x4096, N = 1, 8, no block; ~1 min
+    .venv/bin/python benchmarks/cpu/bench_ggml.py --quick    # 4096x4096, N = 1, 8, no block; ~20 s
 
 Contenders, per shape (out x in) and token count N, all timed interleaved in one process with
 ``--threads`` threads (torch.set_num_threads and ggml's n_threads):
@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import measure as bc
 import torch
 import torch.nn.functional as F
-from ggml_runner import GGML_TYPES, GgmlMatmul, GgmlWeight, bits_per_weight, ggml_info, load_ggml, type_ids
+from ggml_runner import GGML_TYPES, GgmlGraph, GgmlWeight, bits_per_weight, ggml_info, load_ggml, type_ids
 from report import Notes, fmt_ms, md_table
 from targets import find
 
@@ -156,8 +156,9 @@ def measure_shape(args: argparse.Namespace, ggml: Optional[ModuleType], why_not:
             x = bc.make_input(n, shape[1], torch.float32)
             fns: dict[str, Callable[[], Any]] = {}
             refs: dict[str, Optional[torch.Tensor]] = {}
-            for name, w in weights.items():
-                fns[f"ggml {name}"], refs[f"ggml {name}"] = w.matmul(x, args.threads), w.reference(x)
+            graphs = {name: GgmlGraph([(w, x)], args.threads) for name, w in weights.items()}
+            for name, graph in graphs.items():
+                fns[f"ggml {name}"], refs[f"ggml {name}"] = (lambda g=graph: g()[0]), weights[name].reference(x)
             for scheme, w in ours.items():
                 for dtype_name, dtype in bc.DTYPES.items():
                     impl = f"ours {scheme} {dtype_name}"
@@ -168,9 +169,8 @@ def measure_shape(args: argparse.Namespace, ggml: Optional[ModuleType], why_not:
                 refs[f"dense {dtype_name}"] = F.linear(x, dense32[SCHEMES[0]])
             where = {"kind": "linear", "shape": bc.shape_id(shape), "tokens": n}
             rows += time_cell(args, where, fns, refs) + not_measured(where, skipped)
-            for impl in list(fns):
-                if impl.startswith("ggml "):
-                    fns[impl].close()
+            for graph in graphs.values():
+                graph.close()
     finally:
         for w in weights.values():
             w.close()
@@ -206,16 +206,16 @@ def measure_block(args: argparse.Namespace, ggml: Optional[ModuleType], why_not:
 
             fns[f"ours {scheme} + LoRA {dtype_name}"] = step
     skipped = dict(why_not)
-    built: list[GgmlWeight] = []
-    matmuls: dict[str, list[GgmlMatmul]] = {}
+    built: dict[str, list[GgmlWeight]] = {}
+    graphs: list[GgmlGraph] = []
     try:
         for out_f, in_f in layers.values():
             for name, w in ggml_weights(ggml, args, (out_f, in_f), skipped).items():
-                built.append(w)
-                matmuls.setdefault(name, []).append(w.matmul(x32[in_f], args.threads))
-        for name, mms in matmuls.items():
+                built.setdefault(name, []).append(w)
+        for name, ws in built.items():
             if name not in skipped:  # a type that failed on one layer is out of the block
-                fns[f"ggml {name}"] = lambda mms=mms: [m() for m in mms]
+                graphs.append(GgmlGraph([(w, x32[w.in_features]) for w in ws], args.threads))
+                fns[f"ggml {name}"] = graphs[-1]
         dense = [
             (x32[w.in_features].to(torch.bfloat16), w.dense(torch.float32).to(torch.bfloat16)) for w in ours[SCHEMES[0]]
         ]
@@ -223,9 +223,9 @@ def measure_block(args: argparse.Namespace, ggml: Optional[ModuleType], why_not:
         where = {"kind": "block", "shape": "x".join(map(str, args.block_dims)), "tokens": 1}
         return time_cell(args, where, fns, {}) + not_measured(where, skipped)
     finally:
-        for mm in (m for mms in matmuls.values() for m in mms):
-            mm.close()
-        for w in built:
+        for graph in graphs:
+            graph.close()
+        for w in (w for ws in built.values() for w in ws):
             w.close()
 
 

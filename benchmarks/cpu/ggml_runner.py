@@ -1,11 +1,11 @@
 """llama.cpp's CPU matmul, ``ggml_mul_mat``, through ggml-python's low-level ctypes API.
 
 One ``GgmlWeight`` holds an ``out x in`` weight of a ggml type in its own ggml context;
-``GgmlWeight.matmul(x)`` builds, for N tokens of f32 activations, a one-node graph
-``y = mul_mat(W, x)`` ([N, out], like ``F.linear``) in a second context, planned once for
-``threads`` threads; calling the result runs ``ggml_graph_compute`` (the CPU kernels llama.cpp
-runs: activations quantized to the weight type's dot type, q8_0 / q8_K, then the type's vec_dot
-or llamafile's sgemm).
+``GgmlGraph([(W, x), ...])`` builds, for fixed f32 activations x [N, in], a graph of
+``y = mul_mat(W, x)`` nodes ([N, out], like ``F.linear``) in a second context, planned once for
+``threads`` threads; calling it runs ``ggml_graph_compute`` (the CPU kernels llama.cpp runs:
+activations quantized to the weight type's dot type, q8_0 / q8_K, then the type's vec_dot or
+llamafile's sgemm).
 
 The weight's bytes are valid blocks of the type: ``TEMPLATE_ROWS`` rows of Gaussian floats
 quantized with ``ggml_quantize_chunk`` (an all-ones importance matrix where the type needs one),
@@ -108,44 +108,45 @@ class GgmlWeight:
         """fp32 ``x @ W^T`` with the unquantized template rows (tiled like the weight)."""
         return F.linear(x.float(), self.template).repeat(1, self.out_features // self.template.shape[0])
 
-    def matmul(self, x: Tensor, threads: int) -> GgmlMatmul:
-        return GgmlMatmul(self, x, threads)
-
     def close(self) -> None:
         if self.ctx:
             self.ggml.ggml_free(self.ctx)
             self.ctx = None
 
 
-class GgmlMatmul:
-    """``mul_mat(W, x)`` for one fixed f32 input ``x`` [N, in]; calling it recomputes ``output`` [N, out]."""
+class GgmlGraph:
+    """``mul_mat(W_i, x_i)`` for fixed f32 inputs ``x_i`` [N, in], all nodes of one graph (one
+    ``ggml_graph_compute`` per call, as llama.cpp runs a model's layers); a call recomputes
+    ``outputs`` ([N, out] each) and returns them."""
 
-    def __init__(self, weight: GgmlWeight, x: Tensor, threads: int):
-        ggml = self.ggml = weight.ggml
-        n, k = x.shape
-        if k != weight.in_features:
-            raise ValueError(f"x has {k} features, the weight takes {weight.in_features}")
-        m = weight.out_features
-        mem = 4 * n * (k + m) + 3 * ggml.ggml_tensor_overhead() + ggml.ggml_graph_overhead() + 65536
+    def __init__(self, pairs: list[tuple[GgmlWeight, Tensor]], threads: int):
+        ggml = self.ggml = pairs[0][0].ggml
+        floats = sum(x.shape[0] * (x.shape[1] + w.out_features) for w, x in pairs)
+        mem = 4 * floats + 2 * len(pairs) * ggml.ggml_tensor_overhead() + ggml.ggml_graph_overhead() + 65536
         self.ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=mem, mem_buffer=None))
-        x_t = ggml.ggml_new_tensor_2d(self.ctx, ggml.GGML_TYPE_F32, k, n)
-        y_t = ggml.ggml_mul_mat(self.ctx, weight.tensor, x_t)
         self.graph = ggml.ggml_new_graph(self.ctx)
-        ggml.ggml_build_forward_expand(self.graph, y_t)
-        torch.from_numpy(_view(ggml.ggml_get_data(x_t), 4 * n * k, np.float32)).view(n, k).copy_(x)
-        self.output = torch.from_numpy(_view(ggml.ggml_get_data(y_t), 4 * n * m, np.float32)).view(n, m)
+        self.outputs: list[Tensor] = []
+        for w, x in pairs:
+            (n, k), m = x.shape, w.out_features
+            if k != w.in_features:
+                raise ValueError(f"x has {k} features, the weight takes {w.in_features}")
+            x_t = ggml.ggml_new_tensor_2d(self.ctx, ggml.GGML_TYPE_F32, k, n)
+            y_t = ggml.ggml_mul_mat(self.ctx, w.tensor, x_t)
+            ggml.ggml_build_forward_expand(self.graph, y_t)
+            torch.from_numpy(_view(ggml.ggml_get_data(x_t), 4 * n * k, np.float32)).view(n, k).copy_(x)
+            self.outputs.append(torch.from_numpy(_view(ggml.ggml_get_data(y_t), 4 * n * m, np.float32)).view(n, m))
         # Plan once with our own work buffer: ggml_graph_compute_with_ctx would take a new work
         # buffer out of the context on every call and run out of it in a timing loop.
         self.plan = ggml.ggml_graph_plan(self.graph, threads, None)
         self.work = np.empty(max(1, self.plan.work_size), dtype=np.uint8)
         self.plan.work_data = ctypes.cast(self.work.ctypes.data, ctypes.POINTER(ctypes.c_uint8))
-        self.keep = weight  # the graph points into the weight's context
+        self.keep = [w for w, _ in pairs]  # the graph points into the weights' contexts
 
-    def __call__(self) -> Tensor:
+    def __call__(self) -> list[Tensor]:
         status = self.ggml.ggml_graph_compute(self.graph, ctypes.byref(self.plan))
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute returned status {status}")
-        return self.output
+        return self.outputs
 
     def close(self) -> None:
         if self.ctx:
