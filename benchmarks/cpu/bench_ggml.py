@@ -142,7 +142,10 @@ def not_measured(where: dict[str, Any], why_not: dict[str, str]) -> list[dict[st
     return [{**where, "impl": f"ggml {name}", "status": status} for name, status in why_not.items()]
 
 
-def measure_shape(args: argparse.Namespace, ggml: Optional[ModuleType], why_not: dict[str, str], shape) -> list[dict]:
+def measure_shape(
+    args: argparse.Namespace, ggml: Optional[ModuleType], why_not: dict[str, str], shape: tuple[int, int]
+) -> list[dict]:
+    """Every contender on one ``out x in`` layer at each N of ``--tokens``."""
     from aqlm_lora import ops
 
     ours = {scheme: bc.make_weights(shape[0], shape[1], scheme) for scheme in SCHEMES}
@@ -160,13 +163,13 @@ def measure_shape(args: argparse.Namespace, ggml: Optional[ModuleType], why_not:
             for name, graph in graphs.items():
                 fns[f"ggml {name}"], refs[f"ggml {name}"] = (lambda g=graph: g()[0]), weights[name].reference(x)
             for scheme, w in ours.items():
+                ref = F.linear(x, dense32[scheme])
                 for dtype_name, dtype in bc.DTYPES.items():
                     impl = f"ours {scheme} {dtype_name}"
-                    fns[impl] = partial(ops.aqlm_gemm, x.to(dtype), *w.args_as(dtype), None)
-                    refs[impl] = F.linear(x, dense32[scheme])
+                    fns[impl], refs[impl] = partial(ops.aqlm_gemm, x.to(dtype), *w.args_as(dtype), None), ref
             for dtype_name, weight in dense.items():
                 fns[f"dense {dtype_name}"] = partial(F.linear, x.to(weight.dtype), weight)
-                refs[f"dense {dtype_name}"] = F.linear(x, dense32[SCHEMES[0]])
+                refs[f"dense {dtype_name}"] = refs[f"ours {SCHEMES[0]} fp32"]  # the same dequantized weight
             where = {"kind": "linear", "shape": bc.shape_id(shape), "tokens": n}
             rows += time_cell(args, where, fns, refs) + not_measured(where, skipped)
             for graph in graphs.values():
@@ -179,12 +182,8 @@ def measure_shape(args: argparse.Namespace, ggml: Optional[ModuleType], why_not:
 
 def block_layers(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
     """The seven linears of a Llama block, name: (out, in)."""
-    up = (intermediate, hidden)
-    return {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden)} | {
-        "gate": up,
-        "up": up,
-        "down": (hidden, intermediate),
-    }
+    square, up = (hidden, hidden), (intermediate, hidden)
+    return {"q": square, "k": square, "v": square, "o": square, "gate": up, "up": up, "down": (hidden, intermediate)}
 
 
 def measure_block(args: argparse.Namespace, ggml: Optional[ModuleType], why_not: dict[str, str]) -> list[dict]:
@@ -306,6 +305,15 @@ def markdown(args: argparse.Namespace, info: dict[str, str], rows: list[dict], n
         ms = {i: sel.get(i, {}).get("ms") for i in sel}
         body.append([shape, str(n), *cells, *[ratio_text(ms.get(a), ms.get(b)) for a, b in ratios]])
     parts += [md_table(header, body), ""]
+    worst = {
+        i: max((r["err"] for r in rows if r["impl"] == i and r.get("err") is not None), default=None) for i in impls
+    }
+    parts += [
+        "Largest error max|y - ref| / max|ref| against fp32 `F.linear` (ggml: on the unquantized template rows,"
+        " so it is the type's quantization error): "
+        + ", ".join(f"{i} {v:.1e}" for i, v in worst.items() if v is not None),
+        "",
+    ]
     block = [r for r in rows if r["kind"] == "block"]
     if block:
         anchor, dense = (ms_of(block, impl=i) for i in (ANCHOR, "dense bf16"))
