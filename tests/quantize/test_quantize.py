@@ -12,6 +12,7 @@ from torch import nn
 from aqlm_lora import ops, reference
 from aqlm_lora import quantize as q
 from aqlm_lora.quantize import clustering
+from tests.support.cli import byte_model
 
 # (scheme, weight shape [out, in]): small enough that k-means is quick, big enough to matter.
 SCHEMES = [
@@ -26,23 +27,6 @@ SCHEMES = [
 
 def _aqlm_weight(layer: nn.Module) -> torch.Tensor:
     return _dequantize_weight(unpack_int_data(layer.codes, layer.nbits_per_codebook), layer.codebooks, layer.scales)
-
-
-def _tiny_llama(vocab: int = 64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +224,7 @@ def test_quantize_weight_rejects_bad_shapes():
 
 
 def test_quantize_model_replaces_linears_and_sets_config():
-    model = _tiny_llama()
+    model = byte_model().eval()  # the CLI tests' tiny Llama: hidden 32, MLP 64, 2 layers
     errors = q.quantize_model(model, "2x8", progress=False, rounds=1)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     quantized = [n for n, m in model.named_modules() if isinstance(m, aqlm.QuantizedLinear)]
@@ -286,7 +270,7 @@ def test_save_and_reload_through_transformers(tmp_path, scheme, skip):
 
     from aqlm_lora.app.train import use_fused_base
 
-    model = _tiny_llama()
+    model = byte_model().eval()
     q.quantize_model(model, scheme, skip=skip, progress=False, rounds=1)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -337,7 +321,7 @@ def test_quantize_weight_refuses_empty(shape):
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # nn.Linear(0, 8) below
 def test_quantize_model_names_the_bad_layer_and_changes_nothing():
-    model = _tiny_llama()
+    model = byte_model().eval()
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="layer model.layers.1.mlp.down_proj \\[32, 64\\] has 1 NaN value"):

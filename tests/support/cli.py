@@ -34,9 +34,14 @@ def words_text(n: int = 3000, seed: int = 0) -> str:
     return " ".join(WORDS[i] for i in torch.randint(len(WORDS), (n,), generator=gen).tolist())
 
 
+def byte_model(cfg: DemoConfig = TINY):
+    """A tiny dense Llama for the byte tokenizer, built as the demo builds it (seed 0)."""
+    return build_model(cfg, ByteTokenizer(), seed=0)
+
+
 def byte_model_dir(path: Path, cfg: DemoConfig = TINY, tokenizer: bool = True) -> Path:
-    """A tiny dense Llama with the byte tokenizer (as the demo makes them); ``tokenizer=False``: without it."""
-    build_model(cfg, ByteTokenizer(), seed=0).save_pretrained(path)
+    """:func:`byte_model` saved with the byte tokenizer (as the demo saves them); ``tokenizer=False``: without it."""
+    byte_model(cfg).save_pretrained(path)
     if tokenizer:
         ByteTokenizer().save(path)
     return path
