@@ -116,6 +116,11 @@ inline __m256 weight_row(const void* codebooks, const code_t* cp, int64_t C, int
   return w;
 }
 
+// kC > 0 stands for exactly kC codebooks of kFullCodebook entries (2x8, 1x8, 1x16): the entry count
+// and index mask are then compile-time constants. kC = 0: any scheme, read at run time.
+template <typename code_t>
+constexpr int64_t kFullCodebook = int64_t{1} << (8 * sizeof(code_t));
+
 // Codes of four consecutive groups of one row in one 64-bit load: 2x8 (2 x int8) and 1x16 (int16).
 template <typename code_t, int kC>
 constexpr bool kWordOfFourGroups = kC > 0 && sizeof(code_t) * kC == 2;
@@ -137,7 +142,8 @@ inline __m256 weight_row_of_word(const void* codebooks, uint64_t word, int g, in
 template <CodebookType T, typename code_t, int kC, int kN, int kRows>
 void gather_block(const DecodeProblem& p, const void* codebooks, int64_t o0) {
   const code_t* codes = static_cast<const code_t*>(p.codes);
-  const int64_t I = p.in_groups, C = kC > 0 ? kC : p.num_codebooks, K = p.codebook_size;
+  const int64_t I = p.in_groups, C = kC > 0 ? kC : p.num_codebooks;
+  const int64_t K = kC > 0 ? kFullCodebook<code_t> : p.codebook_size;  // a constant for kC > 0
   const int64_t in = I * 8, out = p.out_groups;
   const uint32_t mask = static_cast<uint32_t>(K - 1);
   __m256 acc[kRows][kN];
@@ -196,15 +202,19 @@ void gather_rows_n(const DecodeProblem& p, const void* cb, int64_t o_begin, int6
   }
 }
 
-// The common 1- and 2-codebook schemes get the codebook loop unrolled at compile time.
+// The common schemes (2x8, 1x8, 1x16) get the codebook loop unrolled and the index mask fixed at
+// compile time; any other scheme takes the run-time loop.
 template <CodebookType T>
 void gather_rows_codes(const DecodeProblem& p, const void* cb, int64_t o_begin, int64_t o_end) {
+  const int64_t C = p.num_codebooks;
   if (p.codes_int16) {
-    if (p.num_codebooks == 1) return gather_rows_n<T, int16_t, 1>(p, cb, o_begin, o_end);
+    if (C == 1 && p.codebook_size == kFullCodebook<int16_t>) return gather_rows_n<T, int16_t, 1>(p, cb, o_begin, o_end);
     return gather_rows_n<T, int16_t, 0>(p, cb, o_begin, o_end);
   }
-  if (p.num_codebooks == 2) return gather_rows_n<T, int8_t, 2>(p, cb, o_begin, o_end);
-  if (p.num_codebooks == 1) return gather_rows_n<T, int8_t, 1>(p, cb, o_begin, o_end);
+  if (p.codebook_size == kFullCodebook<int8_t>) {
+    if (C == 2) return gather_rows_n<T, int8_t, 2>(p, cb, o_begin, o_end);
+    if (C == 1) return gather_rows_n<T, int8_t, 1>(p, cb, o_begin, o_end);
+  }
   return gather_rows_n<T, int8_t, 0>(p, cb, o_begin, o_end);
 }
 

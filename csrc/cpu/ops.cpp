@@ -17,9 +17,11 @@
 namespace aqlm_lora::cpu {
 namespace {
 
-// Rows of W (forward) or columns of W (gemm_t) dequantized per block: big enough for an
-// efficient GEMM, small enough that the block stays in L2.
-constexpr int64_t kBlockRows = 64;
+// Rows of W (forward) or columns of W (gemm_t) dequantized per block. Each forward block is one
+// GEMM that packs all of x again, so fewer, larger blocks pay off at many rows: 128 rows measured
+// 10-15% faster than 64 at N = 512 (4096 to 14336 inputs, 2 threads; 256 and 512 no faster), for a
+// tile of 128 * in_features floats per thread.
+constexpr int64_t kBlockRows = 128;
 constexpr int64_t kBlockCols = 64;
 
 at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
