@@ -22,27 +22,25 @@ constexpr int kThreads = 256;
 
 // ------------------------------------------------------------------------------------------------
 // Host: dtype dispatch. `f` is a generic lambda called with a value of the C++ element type.
+// kWithDouble = false leaves float64 out (the decode kernels have no float64 variant), so `f` is
+// never instantiated for double there.
 
-template <typename F>
+template <bool kWithDouble = true, typename F>
 void dispatch_float(at::ScalarType t, const char* what, F&& f) {
   switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    case at::kDouble: f(double{}); break;
-    default: TORCH_CHECK(false, "aqlm_lora: ", what, " must be float32, float16, bfloat16 or float64, got ", t);
+    case at::kFloat: f(float{}); return;
+    case at::kHalf: f(at::Half{}); return;
+    case at::kBFloat16: f(at::BFloat16{}); return;
+    case at::kDouble:
+      if constexpr (kWithDouble) {
+        f(double{});
+        return;
+      }
+      break;
+    default: break;
   }
-}
-
-// float32 / float16 / bfloat16 only (the decode kernels have no float64 variant).
-template <typename F>
-void dispatch_float_single(at::ScalarType t, const char* what, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "aqlm_lora: internal error: ", what, " has no decode kernel for ", t);
-  }
+  TORCH_CHECK(!kWithDouble, "aqlm_lora: ", what, " must be float32, float16, bfloat16 or float64, got ", t);
+  TORCH_CHECK(false, "aqlm_lora: internal error: ", what, " has no decode kernel for ", t);
 }
 
 template <typename F>

@@ -84,6 +84,19 @@ __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, int64_t row, in
   }
 }
 
+// The warp's output row: its output group o, its place sub in that group and the group's codes.
+template <typename code_t>
+struct GemvRow {
+  int64_t o, sub;
+  const code_t* codes;
+};
+
+template <typename code_t>
+__device__ __forceinline__ GemvRow<code_t> gemv_row(const GemvArgs& a, const code_t* codes, int64_t row, int64_t C) {
+  const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
+  return {o, row - o * a.out_group, codes + o * a.in_groups * C};
+}
+
 // acc[n] += w . x[n, 8 i : 8 i + 8]
 template <int NT>
 __device__ __forceinline__ void fma_tokens8(const GemvArgs& a, int64_t i, const float (&w)[8], float (&acc)[NT]) {
@@ -106,12 +119,10 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_global_kernel(const Gem
   const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
   const int64_t C = kOneCodebook ? 1 : a.num_codebooks;
   for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
-    const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
-    const int64_t sub = row - o * a.out_group;
-    const code_t* crow = codes + o * a.in_groups * C;
-    float acc[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) acc[n] = 0.f;
+    const GemvRow<code_t> rw = gemv_row(a, codes, row, C);
+    const int64_t o = rw.o, sub = rw.sub;
+    const code_t* crow = rw.codes;
+    float acc[NT] = {};
     for (int64_t i0 = lane; i0 < a.in_groups; i0 += 32 * kUnroll) {
       float w[kUnroll][8];
 #pragma unroll
@@ -158,12 +169,10 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_smem_kernel(const GemvA
   const code_t* codes = static_cast<const code_t*>(a.codes);
   const int64_t C = a.num_codebooks;
   for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
-    const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
-    const int64_t sub = row - o * a.out_group;
-    const code_t* crow = codes + o * a.in_groups * C;
-    float acc[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) acc[n] = 0.f;
+    const GemvRow<code_t> rw = gemv_row(a, codes, row, C);
+    const int64_t o = rw.o, sub = rw.sub;
+    const code_t* crow = rw.codes;
+    float acc[NT] = {};
     for (int64_t i = lane; i < a.in_groups; i += 32) {
       float w[8];
 #pragma unroll
@@ -188,12 +197,10 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_generic_kernel(const GemvAr
   const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
   const int64_t C = a.num_codebooks;
   for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
-    const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
-    const int64_t sub = row - o * a.out_group;
-    const code_t* crow = codes + o * a.in_groups * C;
-    float acc[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) acc[n] = 0.f;
+    const GemvRow<code_t> rw = gemv_row(a, codes, row, C);
+    const int64_t o = rw.o, sub = rw.sub;
+    const code_t* crow = rw.codes;
+    float acc[NT] = {};
     for (int64_t k = lane; k < a.in_features; k += 32) {
       const int64_t i = div_nonneg(k, a.in_group);
       const int64_t b = k - i * a.in_group;
@@ -288,7 +295,7 @@ void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p
   const unsigned grid = grid_for(n_tokens * rank, kWarpsPerBlock, 8);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool dropout = dropout_p > 0.0;
-  dispatch_float_single(lora_A.scalar_type(), "lora_A", [&](auto tag) {
+  dispatch_float</*kWithDouble=*/false>(lora_A.scalar_type(), "lora_A", [&](auto tag) {
     using a_t = decltype(tag);
     lora_shrink_kernel<a_t><<<grid, kGemvThreads, 0, stream>>>(
         x.data_ptr<float>(), n_tokens, in_features, lora_A.data_ptr<a_t>(), rank, xa.data_ptr<float>(),
@@ -359,7 +366,7 @@ void decode_gemv(Kernel kernel, const at::Tensor& x, const WeightRef& w, const a
   const int64_t smem_bytes = gemv_shared_bytes(d);
   constexpr int64_t kDefaultSmem = 48 * 1024;  // above this a kernel must opt in
 
-  dispatch_float_single(w.codebooks.scalar_type(), "codebooks", [&](auto cb_tag) {
+  dispatch_float</*kWithDouble=*/false>(w.codebooks.scalar_type(), "codebooks", [&](auto cb_tag) {
     using cb_t = decltype(cb_tag);
     dispatch_code(w.codes.scalar_type(), [&](auto code_tag) {
       using code_t = decltype(code_tag);
