@@ -201,8 +201,8 @@ Kernel choose_kernel(const AqlmDims& d, const at::Tensor& x, at::ScalarType code
   return lut ? Kernel::kDecodeLut : Kernel::kDecodeGather;
 }
 
-void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
-                 const at::Tensor& scales, const AqlmDims& d, at::Tensor& out) {
+bool avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                 const at::Tensor& scales, const AqlmDims& d, at::Tensor& out, const LoraEpilogue* lora) {
   TORCH_INTERNAL_ASSERT(kernel == Kernel::kAvx2Gather || kernel == Kernel::kAvx2Lut);
   const int64_t n = x.size(0);
   simd::CodebookType type;
@@ -215,10 +215,19 @@ void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, co
                               scales_f.data_ptr<float>(), x.data_ptr<float>(), n, out.data_ptr<float>()};
   if (gather) {
     const at::Tensor cb = codebooks.contiguous();
+    simd::DecodeProblem q = p;
+    if (lora != nullptr) {
+      TORCH_INTERNAL_ASSERT(lora->xa.scalar_type() == at::kFloat && lora->xa.is_contiguous() &&
+                            lora->lora_B.scalar_type() == at::kFloat && lora->lora_B.is_contiguous());
+      q.lora_xa = lora->xa.data_ptr<float>();
+      q.lora_B = lora->lora_B.data_ptr<float>();
+      q.lora_rank = lora->lora_B.size(1);
+      q.lora_scaling = static_cast<float>(lora->scaling);
+    }
     at::parallel_for(0, d.out_groups, grain_for(d.in_groups * d.num_codebooks * n), [&](int64_t o0, int64_t o1) {
-      simd::gather_rows_avx2(p, cb.data_ptr(), type, o0, o1);
+      simd::gather_rows_avx2(q, cb.data_ptr(), type, o0, o1);
     });
-    return;
+    return lora != nullptr;
   }
   // Codebooks transposed to [C, og, ig, K] so the table is built eight entries per FMA.
   const at::Tensor cb_t = codebooks.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
@@ -243,7 +252,7 @@ void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, co
       }
       for (int64_t o = o0; o < o1; ++o) y[o] = s[o] * partial[o - o0];
     });
-    return;
+    return false;
   }
   std::vector<float> table = scratch<float>(d.in_groups * entries_per_group);
   at::parallel_for(0, d.in_groups, grain_for(entries_per_group * d.in_group), [&](int64_t i0, int64_t i1) {
@@ -253,6 +262,7 @@ void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, co
                    [&](int64_t o0, int64_t o1) {
     simd::lut_rows_avx2(p, table.data(), o0, o1);
   });
+  return false;
 }
 
 bool decode_fits(const AqlmDims& d, int64_t n_rows) {

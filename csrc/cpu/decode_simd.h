@@ -17,6 +17,12 @@ struct DecodeProblem {
   const float* x;       // [N, in]
   int64_t n_rows;
   float* y;  // [N, out]
+  // Optional LoRA expand fused into the gather kernel's epilogue (out_group 1):
+  // y[n, o] += lora_scaling * xa[n, :] . lora_B[o, :], summed like lora_gemm.cpp's row dots.
+  const float* lora_xa = nullptr;  // [N, r]
+  const float* lora_B = nullptr;   // [out, r]
+  int64_t lora_rank = 0;
+  float lora_scaling = 0.f;
 };
 
 bool avx2_supported();

@@ -66,9 +66,18 @@ bool decode_fits(const AqlmDims& d, int64_t n_rows);
 template <typename acc_t, typename code_t>
 void decode_gemm(const Weight<acc_t, code_t>& w, Kernel kernel, const acc_t* x, int64_t n_rows, acc_t* y);
 
-// Runs kAvx2Lut / kAvx2Gather: out [N, out] float32 = x @ W^T.
-void avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
-                 const at::Tensor& scales, const AqlmDims& d, at::Tensor& out);
+// The LoRA expand the gather kernel can fuse into its epilogue: out += scaling * xa @ lora_B^T, with
+// xa [N, r] and lora_B [out, r] contiguous float32.
+struct LoraEpilogue {
+  at::Tensor xa;
+  at::Tensor lora_B;
+  double scaling;
+};
+
+// Runs kAvx2Lut / kAvx2Gather: out [N, out] float32 = x @ W^T. With lora given and kernel
+// kAvx2Gather, also adds the LoRA expand and returns true; otherwise returns false.
+bool avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                 const at::Tensor& scales, const AqlmDims& d, at::Tensor& out, const LoraEpilogue* lora = nullptr);
 
 // dst = src * keep / (1 - p) elementwise with the Philox mask of element indices [0, numel).
 template <typename acc_t>

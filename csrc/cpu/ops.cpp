@@ -213,17 +213,20 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) 
   return dropout_(y, p, seed, offset);
 }
 
-// out [N, out] in acc type (x's dtype): x @ W^T + bias. input: the caller's rows before the
+// out [N, out] in acc type (x's dtype): x @ W^T + bias (+ the LoRA expand when lora is given and
+// the kernel can fuse it: *lora_added says whether it did). input: the caller's rows before the
 // conversion to acc, used as the GEMM operand when gemm_dtype says so.
 at::Tensor base_forward(const at::Tensor& x, const at::Tensor& input, const at::Tensor& codes,
                         const at::Tensor& codebooks, const at::Tensor& scales, const AqlmDims& d,
-                        const c10::optional<at::Tensor>& bias) {
+                        const c10::optional<at::Tensor>& bias, const LoraEpilogue* lora = nullptr,
+                        bool* lora_added = nullptr) {
   const at::ScalarType acc = x.scalar_type();
   const int64_t n = x.size(0);
   at::Tensor out = empty_output({n, d.out_features()}, x.options());
   const Kernel kernel = choose_kernel(d, x, codebooks.scalar_type());
   if (kernel == Kernel::kAvx2Gather || kernel == Kernel::kAvx2Lut) {
-    avx2_decode(kernel, x, codes, codebooks, scales, d, out);
+    const bool added = avx2_decode(kernel, x, codes, codebooks, scales, d, out, lora);
+    if (lora_added != nullptr) *lora_added = added;
   } else {
     const PreparedWeight pw = prepare(codes, codebooks, scales, d, acc);
     const at::ScalarType gemm = kernel == Kernel::kGemm ? gemm_dtype(input.scalar_type(), acc) : acc;
@@ -318,9 +321,14 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& input, con
   const int64_t n = call.n;
   const at::ScalarType acc = acc_dtype(input);
   const at::Tensor x = rows_of(input, n, d.in_features(), acc);
-  at::Tensor out = base_forward(x, input, codes, codebooks, scales, d, bias);
   const at::Tensor xa = lora_rows_dot(dropout(x, dropout_p, seed, offset), lora_A.to(acc));
-  lora_expand_b(xa, lora_B.to(acc), scaling, out);
+  const at::Tensor b = lora_B.to(acc).contiguous();
+  // The few-row gather kernel adds x A^T B^T in its epilogue: the separate expand would be a
+  // second, single-threaded pass over B that costs 10-20% of a one-token call.
+  const LoraEpilogue epilogue{xa, b, scaling};
+  bool lora_added = false;
+  at::Tensor out = base_forward(x, input, codes, codebooks, scales, d, bias, &epilogue, &lora_added);
+  if (!lora_added) lora_expand_b(xa, b, scaling, out);
   if (lora_bias.has_value()) out.add_(lora_bias->to(acc), scaling);
   return {out.to(input.scalar_type()).reshape(with_last(input.sizes(), d.out_features())),
           xa.to(lora_A.scalar_type())};
