@@ -3,7 +3,7 @@
 # separate copy of the working tree and runs the op tests against that build:
 #
 #   bash scripts/sanitize.sh                      # build + tests/ops/test_{ops,autograd,checks,dropout,fuzz,
-#                                                 #   scheme_grid,nonfinite,multi_lora}.py
+#                                                 #   scheme_grid,nonfinite,multi_lora,decode_kernels}.py
 #   bash scripts/sanitize.sh -k lora_backward     # extra arguments go to pytest
 #
 # The in-place build (aqlm_lora/_C*.so of this checkout) is left alone: the copy lives in
@@ -23,7 +23,8 @@ ROOT=$PWD
 PY=$ROOT/.venv/bin/python
 DEST=${SANITIZE_DIR:-$ROOT/build/sanitize}
 TESTS=(tests/ops/test_ops.py tests/ops/test_autograd.py tests/ops/test_checks.py tests/ops/test_dropout.py tests/ops/test_fuzz.py
-       tests/ops/test_scheme_grid.py tests/ops/test_nonfinite.py tests/ops/test_multi_lora.py)
+       tests/ops/test_scheme_grid.py tests/ops/test_nonfinite.py tests/ops/test_multi_lora.py
+       tests/ops/test_decode_kernels.py)
 
 [ -x "$PY" ] || { echo "sanitize: $PY not found; run scripts/setup.sh first" >&2; exit 1; }
 mkdir -p "$DEST"
