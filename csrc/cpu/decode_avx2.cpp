@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "cpu/decode_simd.h"
+#include "cpu/dot.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC push_options
@@ -18,21 +19,6 @@ inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
-// u . w over r, as lora_gemm.cpp's add_row_dots sums it (lane l takes k = l mod 8 in order, products
-// rounded before the add, then lanes 0..7 in order), so the fused LoRA epilogue gives the same bits.
-inline float lora_row_dot(const float* u, const float* w, int64_t r) {
-  __m256 lanes = _mm256_setzero_ps();
-  const int64_t r_vec = r - r % 8;
-  for (int64_t k = 0; k < r_vec; k += 8)
-    lanes = _mm256_add_ps(lanes, _mm256_mul_ps(_mm256_loadu_ps(u + k), _mm256_loadu_ps(w + k)));
-  alignas(32) float lane[8];
-  _mm256_store_ps(lane, lanes);
-  for (int64_t k = r_vec; k < r; ++k) lane[k - r_vec] += u[k] * w[k];
-  float sum = 0.f;
-  for (int l = 0; l < 8; ++l) sum += lane[l];
-  return sum;
 }
 
 // Eight consecutive codes as int32 lanes (zero-extended: the mask below then takes mod 2**nbits).
@@ -192,7 +178,8 @@ void gather_block(const DecodeProblem& p, const void* codebooks, int64_t o0) {
     const float s = p.scales[o0 + r];
     for (int n = 0; n < kN; ++n) {
       float v = s * hsum(acc[r][n]);
-      if (p.lora_xa != nullptr) v += p.lora_scaling * lora_row_dot(p.lora_xa + n * p.lora_rank, p.lora_B + (o0 + r) * p.lora_rank, p.lora_rank);
+      // lora_gemm.cpp's dot: the same bits as the separate expand's row dots.
+      if (p.lora_xa != nullptr) v += p.lora_scaling * dot(p.lora_xa + n * p.lora_rank, p.lora_B + (o0 + r) * p.lora_rank, p.lora_rank);
       p.y[n * out + o0 + r] = v;
     }
   }

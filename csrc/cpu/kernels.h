@@ -8,6 +8,7 @@
 #include "common/checks.h"
 #include "common/codes.h"
 #include "common/plain_aten.h"
+#include "cpu/dot.h"
 
 namespace aqlm_lora::cpu {
 
@@ -18,13 +19,6 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 14;
 inline int64_t grain_for(int64_t work_per_item, int64_t min_work = kMinParallelWork) {
   return std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_item));
 }
-
-// Fixed-order dot product (8 partial sums, then their sum in order: the same bits on every CPU and
-// thread count) and y += a * x, in lora_gemm.cpp; the LoRA kernels (lora_gemm.cpp, multi_lora.cpp) share them.
-float dot(const float* a, const float* b, int64_t n);
-double dot(const double* a, const double* b, int64_t n);
-void axpy(float* __restrict y, const float* __restrict x, float a, int64_t n);
-void axpy(double* __restrict y, const double* __restrict x, double a, int64_t n);
 
 // Calls M(acc_t, code_t) for every (accumulation, code) type pair the kernels are built for, to
 // instantiate the templates below once per pair.

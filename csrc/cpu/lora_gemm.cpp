@@ -77,7 +77,7 @@ AQLM_LORA_CLONES void add_row_dots(const double* u, const double* w, int64_t r, 
 
 }  // namespace
 
-// Declared in kernels.h: the fixed-order dot and axpy the LoRA kernels (here and multi_lora.cpp) share.
+// Declared in dot.h: the fixed-order dot and axpy the LoRA kernels and the fused decode epilogue share.
 AQLM_LORA_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_lanes(a, b, n); }
 AQLM_LORA_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_lanes(a, b, n); }
 AQLM_LORA_CLONES void axpy(float* __restrict y, const float* __restrict x, float a, int64_t n) {
