@@ -1,4 +1,4 @@
-// AVX2/FMA/F16C few-token kernels, picked at run time when the CPU has them (decode.cpp holds
+// AVX2/FMA/F16C/BMI2 few-token kernels, picked at run time when the CPU has them (decode.cpp holds
 // the portable fallbacks and the threading). Every output is reduced in a fixed order by one
 // thread, so results do not depend on the thread count.
 #include <cstdint>
@@ -9,7 +9,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
 #include <immintrin.h>
 
 namespace aqlm_lora::cpu::simd {
@@ -126,14 +126,25 @@ constexpr int64_t kFullCodebook = int64_t{1} << (8 * sizeof(code_t));
 template <typename code_t, int kC>
 constexpr bool kWordOfFourGroups = kC > 0 && sizeof(code_t) * kC == 2;
 
+inline uint64_t rotate_right(uint64_t x, int n) { return n == 0 ? x : (x >> n) | (x << (64 - n)); }
+
 // Group g's weight row from such a word: codebook c's index is the 8 * sizeof(code_t) bits at
-// 16 * g + 8 * sizeof(code_t) * c (little-endian), masked like code_index.
+// 16 * g + 8 * sizeof(code_t) * c (little-endian). One rotate (BMI2 rorx: no copy of the word)
+// and one mask turn an index straight into its byte offset, two instructions where a shift, a
+// mask and a scale took three or four: at one token this extraction is most of the kernel's work.
 template <CodebookType T, typename code_t, int kC>
-inline __m256 weight_row_of_word(const void* codebooks, uint64_t word, int g, int64_t K, uint32_t mask) {
+inline __m256 weight_row_of_word(const void* codebooks, uint64_t word, int g) {
   constexpr int kBits = 8 * sizeof(code_t);
-  __m256 w = load8_codebook<T>(codebooks, ((word >> (16 * g)) & mask) * 8);
-  for (int c = 1; c < kC; ++c)
-    w = _mm256_add_ps(w, load8_codebook<T>(codebooks, (c * K + ((word >> (16 * g + kBits * c)) & mask)) * 8));
+  constexpr int kEntryShift = T == CodebookType::kFloat ? 5 : 4;  // log2 of the bytes of one entry
+  constexpr uint64_t kOffsetMask = ((uint64_t{1} << kBits) - 1) << kEntryShift;
+  constexpr int64_t kCodebookBytes = int64_t{1} << (kBits + kEntryShift);
+  const char* base = static_cast<const char*>(codebooks);
+  const auto entry = [&](int c) {
+    const int bit = 16 * g + kBits * c;
+    return base + c * kCodebookBytes + (rotate_right(word, (bit - kEntryShift) & 63) & kOffsetMask);
+  };
+  __m256 w = load8_codebook<T>(entry(0), 0);
+  for (int c = 1; c < kC; ++c) w = _mm256_add_ps(w, load8_codebook<T>(entry(c), 0));
   return w;
 }
 
@@ -159,12 +170,16 @@ void gather_block(const DecodeProblem& p, const void* codebooks, int64_t o0) {
   };
   int64_t i = 0;
   if constexpr (kWordOfFourGroups<code_t, kC>) {
+    // A row's codes are a short stream (1 KiB for in = 4096) that the hardware prefetcher picks up
+    // too late: fetch the next block's codes while this block runs, at the rate it reads its own.
+    const char* next = reinterpret_cast<const char*>(cp + kRows * I * C);
     for (; i + 4 <= I; i += 4) {
+      _mm_prefetch(next + i * kRows * C * static_cast<int64_t>(sizeof(code_t)), _MM_HINT_T0);
       uint64_t words[kRows];
       for (int r = 0; r < kRows; ++r) std::memcpy(&words[r], cp + (r * I + i) * C, sizeof(uint64_t));
       for (int g = 0; g < 4; ++g) {
         __m256 w[kRows];
-        for (int r = 0; r < kRows; ++r) w[r] = weight_row_of_word<T, code_t, kC>(codebooks, words[r], g, K, mask);
+        for (int r = 0; r < kRows; ++r) w[r] = weight_row_of_word<T, code_t, kC>(codebooks, words[r], g);
         accumulate(w, i + g);
       }
     }
@@ -227,7 +242,8 @@ void gather_rows_codes(const DecodeProblem& p, const void* cb, int64_t o_begin, 
 }  // namespace
 
 bool avx2_supported() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
 }
 
 void build_lut_avx2(const DecodeProblem& p, const float* cb_t, int64_t i_base, int64_t i_begin, int64_t i_end,

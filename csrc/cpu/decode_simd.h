@@ -1,4 +1,4 @@
-// Interface of the AVX2/FMA/F16C few-token kernels (decode_avx2.cpp). Plain types only: that file
+// Interface of the AVX2/FMA/F16C/BMI2 few-token kernels (decode_avx2.cpp). Plain types only: that file
 // is compiled for AVX2, so it must not instantiate ATen's inline code (which other files share).
 #pragma once
 

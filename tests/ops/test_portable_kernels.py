@@ -1,4 +1,4 @@
-"""The portable CPU kernels (used where the CPU lacks AVX2/FMA/F16C) pass the op tests too.
+"""The portable CPU kernels (used where the CPU lacks AVX2/FMA/F16C/BMI2) pass the op tests too.
 
 AQLM_LORA_CPU_KERNELS=generic is read once per process, so the op tests run again in a child
 process with it set.
