@@ -25,6 +25,7 @@ constexpr int64_t kDecodeMaxRows = 8;          // larger batches use dequantize 
 constexpr int64_t kMaxLutBytes = 8 << 20;      // the table must stay cache-sized
 constexpr int64_t kMaxAccumulators = 64;       // out_group * N outputs summed per output group
 constexpr int64_t kLutChunkBytes = 256 << 10;   // single-token table chunk, well inside L2
+constexpr int64_t kWidenCodebookElems = 16384;  // 64 KiB as float: 8-bit codes, up to 8 codebooks
 
 template <typename acc_t, typename code_t>
 void build_lut(const Weight<acc_t, code_t>& w, const acc_t* x, int64_t n_rows, acc_t* lut) {
@@ -214,7 +215,11 @@ bool avx2_decode(Kernel kernel, const at::Tensor& x, const at::Tensor& codes, co
                               d.num_codebooks, d.codebook_size, d.out_group, d.in_group,
                               scales_f.data_ptr<float>(), x.data_ptr<float>(), n, out.data_ptr<float>()};
   if (gather) {
-    const at::Tensor cb = codebooks.contiguous();
+    // Small half/bf16 codebooks (2x8: 8 KiB) are widened to float once per call, exactly, so the
+    // kernel loads them without converting each row; 1x16's 1 MiB of them would not stay in cache.
+    const bool widen = type != simd::CodebookType::kFloat && codebooks.numel() <= kWidenCodebookElems;
+    const at::Tensor cb = widen ? codebooks.to(at::kFloat).contiguous() : codebooks.contiguous();
+    if (widen) type = simd::CodebookType::kFloat;
     simd::DecodeProblem q = p;
     if (lora != nullptr) {
       TORCH_INTERNAL_ASSERT(lora->xa.scalar_type() == at::kFloat && lora->xa.is_contiguous() &&

@@ -177,6 +177,8 @@ void gather_block(const DecodeProblem& p, const void* codebooks, int64_t o0) {
       _mm_prefetch(next + i * kRows * C * static_cast<int64_t>(sizeof(code_t)), _MM_HINT_T0);
       uint64_t words[kRows];
       for (int r = 0; r < kRows; ++r) std::memcpy(&words[r], cp + (r * I + i) * C, sizeof(uint64_t));
+      // Unrolled so each group's rotate counts are constants (rorx) and acc stays in registers.
+#pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
         __m256 w[kRows];
         for (int r = 0; r < kRows; ++r) w[r] = weight_row_of_word<T, code_t, kC>(codebooks, words[r], g);
