@@ -117,21 +117,22 @@ inline __m256 weight_row(const void* codebooks, const code_t* cp, int64_t C, int
   return w;
 }
 
-// kC > 0 stands for exactly kC codebooks of kFullCodebook entries (2x8, 1x8, 1x16): the entry count
-// and index mask are then compile-time constants. kC = 0: any scheme, read at run time.
+// kC > 0 stands for exactly kC codebooks of kFullCodebook entries (1x8 to 4x8, 1x16): the entry
+// count and index mask are then compile-time constants. kC = 0: any scheme, read at run time.
 template <typename code_t>
 constexpr int64_t kFullCodebook = int64_t{1} << (8 * sizeof(code_t));
 
-// Codes of four consecutive groups of one row in one 64-bit load: 2x8 (2 x int8) and 1x16 (int16).
+// How many consecutive groups of one row one 64-bit load of codes holds: 8 for 1x8, 4 for 2x8 and
+// 1x16, 2 for 4x8; 0 where a group's codes do not divide 8 bytes (3x8) or kC is not fixed.
 template <typename code_t, int kC>
-constexpr bool kWordOfFourGroups = kC > 0 && sizeof(code_t) * kC == 2;
+constexpr int kGroupsPerWord = kC > 0 && 8 % (sizeof(code_t) * kC) == 0 ? 8 / (sizeof(code_t) * kC) : 0;
 
 inline uint64_t rotate_right(uint64_t x, int n) { return n == 0 ? x : (x >> n) | (x << (64 - n)); }
 
-// Group g's weight row from such a word: codebook c's index is the 8 * sizeof(code_t) bits at
-// 16 * g + 8 * sizeof(code_t) * c (little-endian). One rotate (BMI2 rorx: no copy of the word)
-// and one mask turn an index straight into its byte offset, two instructions where a shift, a
-// mask and a scale took three or four: at one token this extraction is most of the kernel's work.
+// Group g's weight row from such a word: codebook c's index is the kBits = 8 * sizeof(code_t) bits
+// at (g * kC + c) * kBits (little-endian). One rotate (BMI2 rorx: no copy of the word) and one mask
+// turn an index straight into its byte offset, two instructions where a shift, a mask and a scale
+// took three or four: at one token this extraction is most of the kernel's work.
 template <CodebookType T, typename code_t, int kC>
 inline __m256 weight_row_of_word(const void* codebooks, uint64_t word, int g) {
   constexpr int kBits = 8 * sizeof(code_t);
@@ -140,7 +141,7 @@ inline __m256 weight_row_of_word(const void* codebooks, uint64_t word, int g) {
   constexpr int64_t kCodebookBytes = int64_t{1} << (kBits + kEntryShift);
   const char* base = static_cast<const char*>(codebooks);
   const auto entry = [&](int c) {
-    const int bit = 16 * g + kBits * c;
+    const int bit = (g * kC + c) * kBits;
     return base + c * kCodebookBytes + (rotate_right(word, (bit - kEntryShift) & 63) & kOffsetMask);
   };
   __m256 w = load8_codebook<T>(entry(0), 0);
@@ -168,18 +169,20 @@ void gather_block(const DecodeProblem& p, const void* codebooks, int64_t o0) {
       for (int r = 0; r < kRows; ++r) acc[r][n] = _mm256_fmadd_ps(w[r], xv, acc[r][n]);
     }
   };
+  // A row's codes are a short stream (1 KiB for in = 4096) that the hardware prefetcher picks up
+  // too late: fetch the next block's codes while this block runs, at the rate it reads its own.
+  const char* next = reinterpret_cast<const char*>(cp + kRows * I * C);
+  const int64_t block_bytes_per_group = kRows * C * static_cast<int64_t>(sizeof(code_t));
   int64_t i = 0;
-  if constexpr (kWordOfFourGroups<code_t, kC>) {
-    // A row's codes are a short stream (1 KiB for in = 4096) that the hardware prefetcher picks up
-    // too late: fetch the next block's codes while this block runs, at the rate it reads its own.
-    const char* next = reinterpret_cast<const char*>(cp + kRows * I * C);
-    for (; i + 4 <= I; i += 4) {
-      _mm_prefetch(next + i * kRows * C * static_cast<int64_t>(sizeof(code_t)), _MM_HINT_T0);
+  if constexpr (kGroupsPerWord<code_t, kC> > 0) {
+    constexpr int kG = kGroupsPerWord<code_t, kC>;
+    for (; i + kG <= I; i += kG) {
+      _mm_prefetch(next + i * block_bytes_per_group, _MM_HINT_T0);
       uint64_t words[kRows];
       for (int r = 0; r < kRows; ++r) std::memcpy(&words[r], cp + (r * I + i) * C, sizeof(uint64_t));
       // Unrolled so each group's rotate counts are constants (rorx) and acc stays in registers.
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
+#pragma GCC unroll 8
+      for (int g = 0; g < kG; ++g) {
         __m256 w[kRows];
         for (int r = 0; r < kRows; ++r) w[r] = weight_row_of_word<T, code_t, kC>(codebooks, words[r], g);
         accumulate(w, i + g);
@@ -187,6 +190,7 @@ void gather_block(const DecodeProblem& p, const void* codebooks, int64_t o0) {
     }
   }
   for (; i < I; ++i) {
+    _mm_prefetch(next + i * block_bytes_per_group, _MM_HINT_T0);
     __m256 w[kRows];
     for (int r = 0; r < kRows; ++r) w[r] = weight_row<T, code_t, kC>(codebooks, cp + (r * I + i) * C, C, K, mask);
     accumulate(w, i);
@@ -225,7 +229,7 @@ void gather_rows_n(const DecodeProblem& p, const void* cb, int64_t o_begin, int6
   }
 }
 
-// The common schemes (2x8, 1x8, 1x16) get the codebook loop unrolled and the index mask fixed at
+// The common schemes (1x8 to 4x8, 1x16) get the codebook loop unrolled and the index mask fixed at
 // compile time; any other scheme takes the run-time loop.
 template <CodebookType T>
 void gather_rows_codes(const DecodeProblem& p, const void* cb, int64_t o_begin, int64_t o_end) {
@@ -235,8 +239,13 @@ void gather_rows_codes(const DecodeProblem& p, const void* cb, int64_t o_begin, 
     return gather_rows_n<T, int16_t, 0>(p, cb, o_begin, o_end);
   }
   if (p.codebook_size == kFullCodebook<int8_t>) {
-    if (C == 2) return gather_rows_n<T, int8_t, 2>(p, cb, o_begin, o_end);
-    if (C == 1) return gather_rows_n<T, int8_t, 1>(p, cb, o_begin, o_end);
+    switch (C) {
+      case 1: return gather_rows_n<T, int8_t, 1>(p, cb, o_begin, o_end);
+      case 2: return gather_rows_n<T, int8_t, 2>(p, cb, o_begin, o_end);
+      case 3: return gather_rows_n<T, int8_t, 3>(p, cb, o_begin, o_end);
+      case 4: return gather_rows_n<T, int8_t, 4>(p, cb, o_begin, o_end);
+      default: break;
+    }
   }
   return gather_rows_n<T, int8_t, 0>(p, cb, o_begin, o_end);
 }

@@ -1,10 +1,10 @@
 """Each row of the CPU kernel table (``choose_kernel`` in csrc/cpu/decode.cpp) against float64.
 
-The shapes are picked to land on each branch: the codebook-gather kernel with its 4-group code
-words and their tails (in_groups not a multiple of 4, rows not a multiple of the row block), and
-the few-row batches whose lookup table would pass 8 MiB (in_features 11008, N >= 3), which gather
-codebook rows instead of falling back to dequantize + GEMM. test_portable_kernels.py runs this
-file again with the portable kernels.
+The shapes are picked to land on each branch: the codebook-gather kernel with its 64-bit code
+words (8, 4 or 2 groups each) and their tails (in_groups not a multiple of the groups per word,
+rows not a multiple of the row block), and the few-row batches whose lookup table would pass
+8 MiB (in_features 11008, N >= 3), which gather codebook rows instead of falling back to
+dequantize + GEMM. test_portable_kernels.py runs this file again with the portable kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ CASES = [
     ("2x8", 7, 136),
     ("1x16", 7, 136),
     ("1x8", 9, 64),
+    # 8-bit schemes whose group codes divide a 64-bit word (1x8: 8 groups a word, 4x8: 2) and one
+    # that does not (3x8); in/8 = 25 and 17 groups leave a tail after the last whole word
+    ("1x8", 7, 200),
+    ("4x8", 7, 136),
     ("3x8", 6, 72),
     ("2x4", 5, 40),
     ("1x12", 5, 40),
@@ -49,7 +53,7 @@ def test_decode_matches_float64(scheme: str, out: int, inn: int, n: int, cb_dtyp
 
 
 @pytest.mark.parametrize("n", [1, 4, 8], ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("scheme", ["2x8", "1x16"])
+@pytest.mark.parametrize("scheme", ["2x8", "1x16", "1x8", "3x8", "4x8"])
 def test_decode_same_bits_for_any_thread_count(scheme: str, n: int) -> None:
     w = random_weight(scheme, 203, 1032)
     x = torch.randn(n, 1032)
