@@ -84,17 +84,19 @@ __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, int64_t row, in
   }
 }
 
-// The warp's output row: its output group o, its place sub in that group and the group's codes.
-template <typename code_t>
-struct GemvRow {
-  int64_t o, sub;
-  const code_t* codes;
-};
-
-template <typename code_t>
-__device__ __forceinline__ GemvRow<code_t> gemv_row(const GemvArgs& a, const code_t* codes, int64_t row, int64_t C) {
-  const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
-  return {o, row - o * a.out_group, codes + o * a.in_groups * C};
+// The grid-stride loop over output rows that every GEMV kernel runs, one warp per row: for each
+// row, body(codes, sub, acc) adds this lane's share of x . W[row] / scale into acc, given the
+// codes of the row's output group and the row's place sub in that group; then the warp reduces.
+template <int NT, typename code_t, typename Body>
+__device__ __forceinline__ void for_each_warp_row(const GemvArgs& a, int64_t C, Body&& body) {
+  const int lane = threadIdx.x & 31;
+  const code_t* codes = static_cast<const code_t*>(a.codes);
+  for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
+    const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
+    float acc[NT] = {};
+    body(codes + o * a.in_groups * C, row - o * a.out_group, acc);
+    gemv_epilogue<NT>(a, row, o, lane, acc);
+  }
 }
 
 // acc[n] += w . x[n, 8 i : 8 i + 8]
@@ -115,14 +117,9 @@ template <typename cb_t, typename code_t, int NT, bool kOneCodebook>
 __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_global_kernel(const GemvArgs a) {
   constexpr int kUnroll = 4;  // in-groups per lane in flight
   const int lane = threadIdx.x & 31;
-  const code_t* codes = static_cast<const code_t*>(a.codes);
   const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
   const int64_t C = kOneCodebook ? 1 : a.num_codebooks;
-  for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
-    const GemvRow<code_t> rw = gemv_row(a, codes, row, C);
-    const int64_t o = rw.o, sub = rw.sub;
-    const code_t* crow = rw.codes;
-    float acc[NT] = {};
+  for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float (&acc)[NT]) {
     for (int64_t i0 = lane; i0 < a.in_groups; i0 += 32 * kUnroll) {
       float w[kUnroll][8];
 #pragma unroll
@@ -152,8 +149,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_global_kernel(const Gem
         if (i < a.in_groups) fma_tokens8<NT>(a, i, w[u], acc);
       }
     }
-    gemv_epilogue<NT>(a, row, o, lane, acc);
-  }
+  });
 }
 
 template <typename cb_t, typename code_t, int NT>
@@ -166,13 +162,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_smem_kernel(const GemvA
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
-  const code_t* codes = static_cast<const code_t*>(a.codes);
   const int64_t C = a.num_codebooks;
-  for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
-    const GemvRow<code_t> rw = gemv_row(a, codes, row, C);
-    const int64_t o = rw.o, sub = rw.sub;
-    const code_t* crow = rw.codes;
-    float acc[NT] = {};
+  for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float (&acc)[NT]) {
     for (int64_t i = lane; i < a.in_groups; i += 32) {
       float w[8];
 #pragma unroll
@@ -186,21 +177,15 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_smem_kernel(const GemvA
       }
       fma_tokens8<NT>(a, i, w, acc);
     }
-    gemv_epilogue<NT>(a, row, o, lane, acc);
-  }
+  });
 }
 
 template <typename cb_t, typename code_t, int NT>
 __global__ void __launch_bounds__(kGemvThreads) gemv_generic_kernel(const GemvArgs a) {
   const int lane = threadIdx.x & 31;
-  const code_t* codes = static_cast<const code_t*>(a.codes);
   const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
   const int64_t C = a.num_codebooks;
-  for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
-    const GemvRow<code_t> rw = gemv_row(a, codes, row, C);
-    const int64_t o = rw.o, sub = rw.sub;
-    const code_t* crow = rw.codes;
-    float acc[NT] = {};
+  for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float (&acc)[NT]) {
     for (int64_t k = lane; k < a.in_features; k += 32) {
       const int64_t i = div_nonneg(k, a.in_group);
       const int64_t b = k - i * a.in_group;
@@ -214,8 +199,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_generic_kernel(const GemvAr
         if (NT == 1 || n < a.n_tokens) acc[n] = fmaf(w, a.x[n * a.in_features + k], acc[n]);
       }
     }
-    gemv_epilogue<NT>(a, row, o, lane, acc);
-  }
+  });
 }
 
 // xa[n, j] = sum_k (x[n, k] * keep(n*in + k) / (1 - p)) * A[j, k]; one warp per (n, j). Written as
