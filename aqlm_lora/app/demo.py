@@ -25,6 +25,7 @@ from ..lora.fused_base import use_fused_kernels
 from ..quantize import parse_scheme
 from .demo_phases import (
     Laps,
+    PhaseConfig,
     final_paths,
     finetune_lora,
     quantize_to,
@@ -40,29 +41,13 @@ from .text import ByteTokenizer, perplexity, stdlib_corpus
 
 
 @dataclass
-class DemoConfig:
-    hidden: int = 128
-    intermediate: int = 384
-    layers: int = 4
-    heads: int = 4
-    seq: int = 128
-    batch: int = 16
-    dense_steps: int = 800
-    dense_lr: float = 3e-3
-    dense_weight_decay: float = 0.01
-    init_std: float = 0.02
+class DemoConfig(PhaseConfig):
+    """The small demo: PhaseConfig's sizes and steps, one scheme, and PEFT's stock layer timed."""
+
     scheme: str = "2x8"
     quant_rounds: int = 4
-    lora_steps: int = 80
-    distill: bool = True  # LoRA loss: KL to the dense model (AQLM's recipe); False: next-token loss
-    lora_lr: float = 2e-3
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
     stock_steps: int = 3  # timed steps of PEFT's stock layer (after one warm-up step) ...
     stock_budget_s: float = 30.0  # ... unless these seconds are spent first
-    train_bytes: int = 1 << 20
-    valid_bytes: int = 1 << 16
 
 
 def build_model(cfg: DemoConfig, tokenizer: ByteTokenizer, seed: int):

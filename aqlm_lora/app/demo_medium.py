@@ -35,6 +35,7 @@ from .demo import build_model
 from .demo_phases import (
     KLToReference,
     Laps,
+    PhaseConfig,
     final_paths,
     finetune_lora,
     quantize_to,
@@ -63,33 +64,25 @@ class SchemeRun:
 
 
 @dataclass
-class MediumConfig:
-    # The model: a Llama as the small demo builds it, sized to the BPE vocabulary.
+class MediumConfig(PhaseConfig):
+    """The medium demo: a bigger model on a BPE vocabulary, 2x8 and 1x16, every contender timed."""
+
+    # The model, sized to the BPE vocabulary, and 8 MB of text (the stdlib holds about 4.7 MB of
+    # .py files directly under it).
     vocab_size: int = 4096
     hidden: int = 512
     intermediate: int = 1376
     layers: int = 6
     heads: int = 8
-    seq: int = 128
-    init_std: float = 0.02
-    # The corpus (characters; the stdlib holds about 4.7 MB of .py files directly under it).
     train_bytes: int = 8 << 20
-    valid_bytes: int = 1 << 16
-    # Dense training.
+    # Fewer steps than the small demo's, on a model about 25x its size.
     batch: int = 8
     dense_steps: int = 300
     dense_lr: float = 2e-3
-    dense_weight_decay: float = 0.01
+    lora_steps: int = 40
     # 1x16 codebooks have 65,536 entries: one assignment pass over every weight group already costs
     # minutes here, so 1x16 takes a sample of the groups as its codebook and assigns once.
     schemes: tuple[SchemeRun, ...] = (SchemeRun("2x8", rounds=2, kmeans_iters=8), SchemeRun("1x16", 0, 0))
-    # LoRA on each AQLM model.
-    lora_steps: int = 40
-    distill: bool = True
-    lora_lr: float = 2e-3
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
     # Timed steps of each contender (after one warm-up step), unless the budget is spent first.
     timed_steps: int = 5
     timing_budget_s: float = 120.0

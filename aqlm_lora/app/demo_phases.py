@@ -47,6 +47,35 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass
+class PhaseConfig:
+    """What the phases below read, the same for both demos: the model, the text, dense and LoRA
+    training. The defaults are the small demo's; the medium demo overrides the sizes and steps."""
+
+    # The model: a Llama with the tokenizer's vocabulary.
+    hidden: int = 128
+    intermediate: int = 384
+    layers: int = 4
+    heads: int = 4
+    seq: int = 128
+    init_std: float = 0.02
+    # The text: characters of the Python stdlib's .py files.
+    train_bytes: int = 1 << 20
+    valid_bytes: int = 1 << 16
+    # Dense training.
+    batch: int = 16
+    dense_steps: int = 800
+    dense_lr: float = 3e-3
+    dense_weight_decay: float = 0.01
+    # LoRA on each AQLM model.
+    lora_steps: int = 80
+    distill: bool = True  # LoRA loss: KL to the dense model (AQLM's recipe); False: next-token loss
+    lora_lr: float = 2e-3
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+
+
 class Laps:
     """Seconds per phase, each measured from the end of the previous one (``lap(name)`` ends a phase)."""
 
@@ -74,13 +103,15 @@ def loss_lines(label: str, steps: int, every: int, tokens_per_step: int) -> Opti
     return LossLines(ProgressLog(label, "step", 0, steps, every, tokens_per_step)) if every else None
 
 
-def _phase_settings(cfg, seed: int, steps: int, lr: float, **more) -> TrainSettings:
+def _phase_settings(cfg: PhaseConfig, seed: int, steps: int, lr: float, **more) -> TrainSettings:
     """The settings of a phase's training steps: the demo's batch of ``cfg.batch`` windows of
     ``cfg.seq`` tokens, the run's seed, and the phase's own steps, learning rate and ``more``."""
     return TrainSettings(steps=steps, lr=lr, batch=cfg.batch, seq=cfg.seq, seed=seed, **more)
 
 
-def train_dense(model: nn.Module, tokens: Tensor, cfg, seed: int, progress: bool, log_every: int = 0) -> TrainResult:
+def train_dense(
+    model: nn.Module, tokens: Tensor, cfg: PhaseConfig, seed: int, progress: bool, log_every: int = 0
+) -> TrainResult:
     """Train ``model`` from scratch on ``tokens``: AdamW, warm-up then cosine decay; left in eval mode."""
     settings = _phase_settings(cfg, seed, cfg.dense_steps, cfg.dense_lr, weight_decay=cfg.dense_weight_decay)
     optimizer = make_optimizer(model, settings)
@@ -142,7 +173,7 @@ def finetune_lora(
     model: nn.Module,
     base_dir: Path,
     tokens: Tensor,
-    cfg,
+    cfg: PhaseConfig,
     seed: int,
     teacher_dir: Optional[Path],
     desc: str,
@@ -242,7 +273,7 @@ def time_training_steps(
     model_dir: Path,
     kind: str,
     tokens: Tensor,
-    cfg,
+    cfg: PhaseConfig,
     seed: int,
     progress: bool,
     steps: int,
