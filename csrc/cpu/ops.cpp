@@ -7,7 +7,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "common/checks.h"
 #include "common/multi_lora_checks.h"
@@ -91,6 +96,41 @@ at::ScalarType gemm_dtype(at::ScalarType input, at::ScalarType acc) {
   return acc;
 }
 
+// BLAS libraries choose their algorithm, and so their rounding, by their thread count: MKL
+// rounds the same product differently with 1 and 2 threads, even a 5x64x16 one. Inside an OpenMP
+// parallel region they run on one thread, so every GEMM of the blocked path runs in one: the
+// region at::parallel_for opens, or, where it would run the items inline on the calling thread
+// (one item, or too little work), a region of two threads whose second one idles. Without this,
+// the bits of a small layer would depend on torch.set_num_threads.
+template <typename F>
+void parallel_for_single_threaded_blas(int64_t items, int64_t grain, const F& f) {
+  if (items <= 0) return;
+#ifdef _OPENMP
+  const bool inline_run = items <= grain || items == 1;
+  if (inline_run && at::get_num_threads() > 1 && !omp_in_parallel()) {
+    std::exception_ptr error;
+#pragma omp parallel num_threads(2)
+    if (omp_get_thread_num() == 0) {  // the calling thread: its dispatch state is the caller's
+      try {
+        f(0, items);
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  at::parallel_for(0, items, grain, f);
+}
+
+// Groups of W per GEMM block: `per_block` (at least 1), but a weight that fits one block gets two,
+// so both threads of a small layer have one.
+inline int64_t groups_per_gemm_block(int64_t groups, int64_t per_block) {
+  per_block = std::max<int64_t>(1, per_block);
+  return per_block >= groups && groups > 1 ? (groups + 1) / 2 : per_block;
+}
+
 // out [N, out] = x [N, in] @ W^T, contiguous; x and out in acc_t, or both in bfloat16 (gemm_dtype).
 template <typename acc_t, typename code_t>
 void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, Kernel kernel, at::Tensor& out) {
@@ -98,10 +138,10 @@ void base_gemm(const Weight<acc_t, code_t>& w, const at::Tensor& x, Kernel kerne
   const int64_t n = x.size(0), in = d.in_features();
   if (n == 0) return;
   if (kernel != Kernel::kGemm) return decode_gemm(w, kernel, x.data_ptr<acc_t>(), n, out.data_ptr<acc_t>());
-  const int64_t groups_per_block = std::max<int64_t>(1, kBlockRows / d.out_group);
+  const int64_t groups_per_block = groups_per_gemm_block(d.out_groups, kBlockRows / d.out_group);
   const int64_t blocks = (d.out_groups + groups_per_block - 1) / groups_per_block;
   const int64_t block_work = groups_per_block * d.out_group * in * (n + d.num_codebooks);
-  at::parallel_for(0, blocks, grain_for(block_work), [&](int64_t b_begin, int64_t b_end) {
+  parallel_for_single_threaded_blas(blocks, grain_for(block_work), [&](int64_t b_begin, int64_t b_end) {
     const PlainAtenCalls plain;
     std::vector<acc_t> buf = scratch<acc_t>(groups_per_block * d.out_group * in);
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -122,10 +162,10 @@ void base_gemm_t(const Weight<acc_t, code_t>& w, const at::Tensor& g, at::Tensor
   const AqlmDims& d = w.d;
   const int64_t out = d.out_features();
   if (g.size(0) == 0) return;
-  const int64_t groups_per_block = std::max<int64_t>(1, kBlockCols / d.in_group);
+  const int64_t groups_per_block = groups_per_gemm_block(d.in_groups, kBlockCols / d.in_group);
   const int64_t blocks = (d.in_groups + groups_per_block - 1) / groups_per_block;
   const int64_t block_work = out * groups_per_block * d.in_group * (g.size(0) + d.num_codebooks);
-  at::parallel_for(0, blocks, grain_for(block_work), [&](int64_t b_begin, int64_t b_end) {
+  parallel_for_single_threaded_blas(blocks, grain_for(block_work), [&](int64_t b_begin, int64_t b_end) {
     const PlainAtenCalls plain;
     std::vector<acc_t> buf = scratch<acc_t>(out * groups_per_block * d.in_group);
     for (int64_t b = b_begin; b < b_end; ++b) {

@@ -41,3 +41,32 @@ def test_thread_counts_agree(scheme, dtype):
                         assert torch.equal(a, b), f"N={rows} p={p} output {k}: 1 vs {threads} threads differ"
     finally:
         torch.set_num_threads(before)
+
+
+# Layers of one or two GEMM blocks (128 output rows per forward block, 64 input columns per
+# backward block) and tiny ones: there the thread pool used to run the one block on the calling
+# thread, where MKL rounds the product by its own thread count (1 vs 2 threads differed by 4e-5).
+SMALL_SHAPES = [(128, 4096), (129, 4096), (16, 512), (4096, 64), (8, 64), (1, 64), (64, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=[f"{o}x{i}" for o, i in SMALL_SHAPES])
+def test_small_layers_thread_counts_agree(shape, dtype):
+    out_features, in_features = shape
+    w = random_weight(SCHEMES[1], out_features, in_features, dtype, bias=True)
+    lora_A = torch.randn(4, in_features, dtype=dtype)
+    lora_B = torch.randn(out_features, 4, dtype=dtype)
+    before = torch.get_num_threads()
+    try:
+        for rows in (9, 12, 33):
+            x = torch.randn(rows, in_features, dtype=dtype)
+            g = torch.randn(rows, out_features, dtype=dtype)
+            results = {}
+            for threads in THREADS:
+                torch.set_num_threads(threads)
+                results[threads] = _run_all(w, x, g, lora_A, lora_B, 0.0)
+            for threads in THREADS[1:]:
+                for k, (a, b) in enumerate(zip(results[1], results[threads])):
+                    assert torch.equal(a, b), f"N={rows} output {k}: 1 vs {threads} threads differ"
+    finally:
+        torch.set_num_threads(before)
