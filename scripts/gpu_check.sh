@@ -217,7 +217,7 @@ esac
 # ---- 4. the test suite's CUDA cases -------------------------------------------------------------
 if [ "$DEVICE" = cuda ]; then
   # Device-parametrized files (tests/support/weights.py: devices() adds "cuda" ids) and the mixed-device check.
-  PYTEST_FILES=${GPU_CHECK_PYTEST_FILES:-tests/ops/test_ops.py tests/ops/test_autograd.py tests/ops/test_dropout.py tests/ops/test_opcheck.py tests/ops/test_checks.py tests/ops/test_multi_lora.py}
+  PYTEST_FILES=${GPU_CHECK_PYTEST_FILES:-tests/ops/test_ops.py tests/ops/test_autograd.py tests/ops/test_dropout.py tests/ops/test_opcheck.py tests/ops/test_checks.py tests/ops/test_multi_lora.py tests/ops/test_nonfinite.py}
   PYTEST_K=${GPU_CHECK_PYTEST_K:-cuda or device_mix}
 else
   PYTEST_FILES=${GPU_CHECK_PYTEST_FILES:-tests/ops/test_dropout.py}

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -140,21 +141,39 @@ bool lut_fits(const AqlmDims& d, int64_t n_rows) {
   return d.in_groups * d.num_codebooks * d.codebook_size * d.out_group * n_rows * 4 <= kMaxLutBytes;
 }
 
-// The few-row kernels sum x . codebook per codebook before adding the codebooks up, so an
-// infinite x meeting codebook entries of opposite signs gives inf - inf = NaN where x @ W^T (W
-// summed first) gives +-inf. Rows with Inf or NaN therefore take the dequantize + GEMM path,
-// which propagates them exactly like F.linear. The scan costs N * in reads, next to O * in codes.
+// The few-row kernels associate the product differently from x @ W^T with W = scales * (sum of
+// codebook rows) dequantized first, and that matters only where a value overflows or is not
+// finite; those calls take the dequantize + GEMM path, which propagates them exactly like F.linear:
+// - Inf/NaN in x: the lookup tables sum x . codebook per codebook before adding the codebooks up,
+//   so an infinite x meeting codebook entries of opposite signs gives inf - inf = NaN, not +-inf;
+// - |x| >= 2**64: a per-codebook partial x . codebook can overflow where their sum does not;
+//   below it that needs codebook entries beyond 2**50, which no quantizer produces;
+// - Inf/NaN in scales: the kernels scale the finished dot product, so inf * (x . w) is +-inf
+//   where the sum of x * (inf * w) is NaN (mixed signs, or a zero w).
+// The scans cost N * in + O reads, next to O * in codes.
+constexpr double kMaxDecodeInput = 18446744073709551616.0;  // 2**64
+
 template <typename acc_t>
-bool all_finite(const acc_t* x, int64_t numel) {
+bool all_below(const acc_t* x, int64_t numel) {
   for (int64_t k = 0; k < numel; ++k) {
-    if (!std::isfinite(x[k])) return false;
+    if (!(std::abs(x[k]) < static_cast<acc_t>(kMaxDecodeInput))) return false;  // NaN too
   }
   return true;
 }
 
-bool rows_finite(const at::Tensor& x) {
-  if (x.scalar_type() == at::kDouble) return all_finite(x.data_ptr<double>(), x.numel());
-  return all_finite(x.data_ptr<float>(), x.numel());
+bool rows_decodable(const at::Tensor& x) {
+  if (x.scalar_type() == at::kDouble) return all_below(x.data_ptr<double>(), x.numel());
+  return all_below(x.data_ptr<float>(), x.numel());
+}
+
+bool scales_finite(const at::Tensor& scales) {
+  const at::Tensor s = scales.contiguous();
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "scales_finite", [&] {
+    const scalar_t* v = s.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < s.numel() && finite; ++k) finite = std::isfinite(static_cast<double>(v[k]));
+  });
+  return finite;
 }
 
 bool avx2_codebooks(at::ScalarType t, simd::CodebookType* type) {
@@ -180,7 +199,8 @@ bool simd_enabled() {
 // Which kernel runs x @ W^T on the CPU; N = rows of x, C x B g<ig> o<og> the scheme:
 //
 //   rows and scheme                                   | x             | kernel
-//   N > 8, og * N > 64, or Inf/NaN in x               | any           | kGemm (bf16 GEMM for bf16 x on AVX512-BF16 CPUs)
+//   N > 8, og * N > 64, Inf/NaN/|x| >= 2**64 in x,    | any           | kGemm (bf16 GEMM for bf16 x on AVX512-BF16 CPUs)
+//   or Inf/NaN in scales                              |               |
 //   N <= 8, og 1, ig 8                                | float32       | kAvx2Gather
 //   N <= 8, B <= 8, K % 8 == 0, LUT <= 8 MiB          | float32       | kAvx2Lut
 //   N <= 8, B <= 8, LUT <= 8 MiB                      | other/no AVX2 | kDecodeLut
@@ -188,9 +208,9 @@ bool simd_enabled() {
 //
 // "LUT" is the lookup table of B <= 8 schemes: in_groups * C * 2**B * og * N floats.
 // The AVX2 kernels need codebooks in float32/16/bf16 and AQLM_LORA_CPU_KERNELS != generic.
-Kernel choose_kernel(const AqlmDims& d, const at::Tensor& x, at::ScalarType codebooks) {
+Kernel choose_kernel(const AqlmDims& d, const at::Tensor& x, at::ScalarType codebooks, const at::Tensor& scales) {
   const int64_t n = x.size(0);
-  if (!decode_fits(d, n) || !rows_finite(x)) return Kernel::kGemm;
+  if (!decode_fits(d, n) || !rows_decodable(x) || !scales_finite(scales)) return Kernel::kGemm;
   const bool lut = use_lut(d) && lut_fits(d, n);
   simd::CodebookType type;
   if (simd_enabled() && x.scalar_type() == at::kFloat && avx2_codebooks(codebooks, &type)) {

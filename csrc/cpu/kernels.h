@@ -42,15 +42,16 @@ void dequantize_tile(const Weight<acc_t, code_t>& w, int64_t o0, int64_t o1, int
 // The kernel that computes x @ W^T for one call (ARCHITECTURE.md prints the table of
 // choose_kernel in decode.cpp). The few-row kernels read the codes without dequantizing W.
 enum class Kernel {
-  kGemm,          // blocked dequantize + GEMM (many rows, or any Inf/NaN in x)
+  kGemm,          // blocked dequantize + GEMM (many rows, non-finite or huge x, non-finite scales)
   kDecodeLut,     // portable few-row kernel, lookup tables (nbits <= 8)
   kDecodeGather,  // portable few-row kernel, codebook gathers (nbits > 8)
   kAvx2Lut,       // AVX2/FMA lookup tables (float32 x)
   kAvx2Gather,    // AVX2/FMA codebook gathers (float32 x, out_group 1, in_group 8)
 };
 
-// x: the [N, in] rows in the accumulation type (scanned for Inf/NaN only when few enough rows).
-Kernel choose_kernel(const AqlmDims& d, const at::Tensor& x, at::ScalarType codebooks);
+// x: the [N, in] rows in the accumulation type; x and scales are scanned (for Inf/NaN, and x for
+// |x| >= 2**64) only when few enough rows.
+Kernel choose_kernel(const AqlmDims& d, const at::Tensor& x, at::ScalarType codebooks, const at::Tensor& scales);
 
 // Few enough rows for the few-row kernels, whatever the dtypes.
 bool decode_fits(const AqlmDims& d, int64_t n_rows);

@@ -263,7 +263,7 @@ at::Tensor base_forward(const at::Tensor& x, const at::Tensor& input, const at::
   const at::ScalarType acc = x.scalar_type();
   const int64_t n = x.size(0);
   at::Tensor out = empty_output({n, d.out_features()}, x.options());
-  const Kernel kernel = choose_kernel(d, x, codebooks.scalar_type());
+  const Kernel kernel = choose_kernel(d, x, codebooks.scalar_type(), scales);
   if (kernel == Kernel::kAvx2Gather || kernel == Kernel::kAvx2Lut) {
     const bool added = avx2_decode(kernel, x, codes, codebooks, scales, d, out, lora);
     if (lora_added != nullptr) *lora_added = added;

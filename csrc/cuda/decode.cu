@@ -58,11 +58,18 @@ __device__ __forceinline__ int64_t global_warp() {
 }
 __device__ __forceinline__ int64_t warp_count() { return (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5; }
 
-// acc[n]: this lane's partial x[n] . (W[row] / scale). All lanes of the warp call it together.
+// A finite scale multiplies the finished dot product. A non-finite one multiplies each weight
+// first, as W = scale * (codebook sum) does: inf * (x . w) is +-inf where the sum of x * (inf * w)
+// is NaN (mixed signs, or a zero w), as F.linear on the dequantized weight gives. Multiplying by 1
+// is exact, so finite scales keep their bits.
+__device__ __forceinline__ float scale_inside(float s) { return isfinite(s) ? 1.f : s; }
+__device__ __forceinline__ float scale_after(float s) { return isfinite(s) ? s : 1.f; }
+
+// acc[n]: this lane's partial x[n] . (W[row] / scale_after). All lanes of the warp call it together.
 template <int NT>
 __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, int64_t row, int64_t o, int lane,
                                               const float (&acc)[NT]) {
-  const float s = load_as_float(a.scales, o, a.scales_kind);
+  const float s = scale_after(load_as_float(a.scales, o, a.scales_kind));
   float row_bias = 0.f;  // bias + scaling * lora_bias, added once by lane 0
   if (lane == 0) {
     if (a.bias != nullptr) row_bias += load_as_float(a.bias, row, a.bias_kind);
@@ -85,8 +92,9 @@ __device__ __forceinline__ void gemv_epilogue(const GemvArgs& a, int64_t row, in
 }
 
 // The grid-stride loop over output rows that every GEMV kernel runs, one warp per row: for each
-// row, body(codes, sub, acc) adds this lane's share of x . W[row] / scale into acc, given the
-// codes of the row's output group and the row's place sub in that group; then the warp reduces.
+// row, body(codes, sub, inside, acc) adds this lane's share of x . (inside * W[row] / scale) into
+// acc, given the codes of the row's output group, the row's place sub in that group and the factor
+// inside (scale_inside) that multiplies each summed weight; then the warp reduces.
 template <int NT, typename code_t, typename Body>
 __device__ __forceinline__ void for_each_warp_row(const GemvArgs& a, int64_t C, Body&& body) {
   const int lane = threadIdx.x & 31;
@@ -94,7 +102,8 @@ __device__ __forceinline__ void for_each_warp_row(const GemvArgs& a, int64_t C, 
   for (int64_t row = global_warp(); row < a.out_features; row += warp_count()) {
     const int64_t o = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
     float acc[NT] = {};
-    body(codes + o * a.in_groups * C, row - o * a.out_group, acc);
+    const float inside = scale_inside(load_as_float(a.scales, o, a.scales_kind));
+    body(codes + o * a.in_groups * C, row - o * a.out_group, inside, acc);
     gemv_epilogue<NT>(a, row, o, lane, acc);
   }
 }
@@ -119,7 +128,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_global_kernel(const Gem
   const int lane = threadIdx.x & 31;
   const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
   const int64_t C = kOneCodebook ? 1 : a.num_codebooks;
-  for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float (&acc)[NT]) {
+  for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float inside, float (&acc)[NT]) {
     for (int64_t i0 = lane; i0 < a.in_groups; i0 += 32 * kUnroll) {
       float w[kUnroll][8];
 #pragma unroll
@@ -146,6 +155,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_global_kernel(const Gem
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = i0 + u * 32;
+#pragma unroll
+        for (int b = 0; b < 8; ++b) w[u][b] *= inside;
         if (i < a.in_groups) fma_tokens8<NT>(a, i, w[u], acc);
       }
     }
@@ -163,7 +174,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_smem_kernel(const GemvA
 
   const int lane = threadIdx.x & 31;
   const int64_t C = a.num_codebooks;
-  for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float (&acc)[NT]) {
+  for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float inside, float (&acc)[NT]) {
     for (int64_t i = lane; i < a.in_groups; i += 32) {
       float w[8];
 #pragma unroll
@@ -175,6 +186,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_smem_kernel(const GemvA
         w[0] += lo.x; w[1] += lo.y; w[2] += lo.z; w[3] += lo.w;
         w[4] += hi.x; w[5] += hi.y; w[6] += hi.z; w[7] += hi.w;
       }
+#pragma unroll
+      for (int b = 0; b < 8; ++b) w[b] *= inside;
       fma_tokens8<NT>(a, i, w, acc);
     }
   });
@@ -185,7 +198,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_generic_kernel(const GemvAr
   const int lane = threadIdx.x & 31;
   const cb_t* cb = static_cast<const cb_t*>(a.codebooks);
   const int64_t C = a.num_codebooks;
-  for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float (&acc)[NT]) {
+  for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float inside, float (&acc)[NT]) {
     for (int64_t k = lane; k < a.in_features; k += 32) {
       const int64_t i = div_nonneg(k, a.in_group);
       const int64_t b = k - i * a.in_group;
@@ -194,6 +207,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_generic_kernel(const GemvAr
         const uint32_t idx = code_index(crow[i * C + c], a.mask);
         w += static_cast<float>(cb[((c * a.codebook_size + idx) * a.out_group + sub) * a.in_group + b]);
       }
+      w *= inside;
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         if (NT == 1 || n < a.n_tokens) acc[n] = fmaf(w, a.x[n * a.in_features + k], acc[n]);

@@ -1,5 +1,6 @@
-"""Inf and NaN in the activations propagate exactly as ``F.linear`` on the dequantized weight
-propagates them, on every path (few-token lookup/gather kernels and the GEMM path alike)."""
+"""Inf and NaN in the activations and scales, and huge finite activations, propagate exactly as
+``F.linear`` on the dequantized weight propagates them, on every path (few-token lookup/gather
+kernels and the GEMM path alike)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from aqlm_lora import ops
 from aqlm_lora import reference as ref
-from tests.support.weights import SCHEME_IDS, SCHEMES, random_weight
+from tests.support.weights import SCHEME_IDS, SCHEMES, devices, random_weight
 
 ROWS = [*range(1, 17), 300]
 
@@ -62,3 +63,36 @@ def test_row_does_not_depend_on_batch_size():
     alone = ops.aqlm_gemm(x[:1], *w.args(), None)
     for rows in (2, 8, 9, 12):
         _same_specials(ops.aqlm_gemm(x[:rows], *w.args(), None)[:1], alone)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 300], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_non_finite_scales_propagate_like_f_linear(scheme, rows, device):
+    """An infinite scale makes its rows of W +-inf (NaN where the codebooks sum to 0): F.linear
+    gives NaN or +-inf by the signs; scaling the finished dot product would give +-inf."""
+    w = random_weight(scheme, 32, 64)
+    scales = w.scales.clone()
+    scales[0], scales[1], scales[2] = float("inf"), -float("inf"), float("nan")
+    x = torch.randn(rows, w.in_features)
+    x[0] = x[0].abs() + 0.5  # an all-positive row: +-inf where a row of W has one sign
+    args = (w.codes, w.codebooks, scales)
+    expected = F.linear(x.double(), ref.dequantize(*args).double())
+    actual = ops.aqlm_gemm(x.to(device), *(t.to(device) for t in args), None).cpu()
+    _same_specials(actual, expected)
+    finite = expected.isfinite()
+    torch.testing.assert_close(actual[finite].double(), expected[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("shape", [(1, 4), (2, 8)], ids=["og1-ig4", "og2-ig8"])
+def test_huge_finite_inputs_do_not_overflow_partials(shape, rows):
+    """Codebooks that cancel exactly (W = 0) against x = 3e38: x @ W^T is 0; per-codebook partials
+    x . codebook (the lookup-table kernels) would overflow to inf - inf = NaN."""
+    out_group, in_group = shape
+    codes = torch.zeros(2, 1, 2, dtype=torch.int8)
+    codebooks = torch.zeros(2, 256, out_group, in_group)
+    codebooks[0, 0], codebooks[1, 0] = 1.0, -1.0
+    scales = torch.ones(2, 1, 1, 1)
+    x = torch.full((rows, in_group), 3.0e38)
+    assert torch.equal(ops.aqlm_gemm(x, codes, codebooks, scales, None), torch.zeros(rows, 2 * out_group))
