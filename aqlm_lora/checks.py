@@ -188,6 +188,13 @@ def check_seed(seed: int, offset: int) -> None:
 
 def _check_int64_nonnegative(value, name: str) -> None:
     is_int = isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+    if torch.compiler.is_compiling():
+        # A traced seed may be symbolic (draw_seed declares its range), and Dynamo traces a message
+        # closure only over constants: the name, not the value.
+        torch._check(
+            is_int and 0 <= value <= INT64_MAX, lambda: f"aqlm_lora: {name} must be an integer in [0, 2**63 - 1]"
+        )
+        return
     _check(is_int and 0 <= value <= INT64_MAX, lambda: f"{name} must be an integer in [0, 2**63 - 1], got {value!r}")
 
 

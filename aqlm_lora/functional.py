@@ -15,22 +15,19 @@ from . import ops
 from .reference import dropout_scaled
 
 
-def _refuse_weight_grad(codebooks: Tensor, scales: Tensor) -> None:
-    if torch.is_grad_enabled() and (codebooks.requires_grad or scales.requires_grad):
-        raise ValueError(
-            "aqlm_lora: gradients w.r.t. codebooks or scales are not supported; freeze them with "
-            "requires_grad_(False) (PEFT does this for base layers)"
-        )
-
-
 def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it).
+
+    Under ``torch.compile`` the seed is drawn inside the graph as a symbolic integer (the ops take
+    ``SymInt`` seeds); its range is declared here so that the ops' checks trace."""
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64).item()
+    torch._check(seed >= 0)
+    torch._check(seed < 2**62)
+    return seed
 
 
 def aqlm_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Differentiable base AQLM layer ``x @ W^T + bias`` (gradients to ``x`` and ``bias``)."""
-    _refuse_weight_grad(codebooks, scales)
     return ops.aqlm_gemm(x, codes, codebooks, scales, bias)
 
 
@@ -56,12 +53,11 @@ def aqlm_lora_linear(
     given. Gradients flow to ``x``, ``bias``, ``lora_A``, ``lora_B`` and ``lora_bias``; the backward
     saves only ``x`` and ``xa = dropout(x) A^T`` ([N, r]).
     """
-    _refuse_weight_grad(codebooks, scales)
     p = float(dropout_p) if training else 0.0
-    if p != 0.0 and seed is None:
-        seed = draw_seed()
+    if seed is None:
+        seed = draw_seed() if p != 0.0 else 0
     out, _ = ops.lora_forward(
-        x, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed or 0, offset
+        x, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, offset
     )
     return out
 
@@ -88,7 +84,6 @@ def aqlm_lora_mixed_linear(
     base matmul runs once for the whole batch. No dropout. Differentiable (see
     :func:`aqlm_lora.ops.lora_mixed_forward`).
     """
-    _refuse_weight_grad(codebooks, scales)
     return ops.lora_mixed_forward(
         x, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
     )

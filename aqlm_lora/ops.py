@@ -113,7 +113,8 @@ def lora_mixed_forward(
     ``a = -1``. ``lora_A [K, r, in]``, ``lora_B_t [K, r, out]`` (each adapter's ``lora_B``
     transposed; smaller ranks zero-padded to ``r``), ``scalings [K]``, ``lora_bias`` and
     ``row_scale [K, out]`` optional (``row_scale``: DoRA's ``m / ||W + s B A||``, ones for plain
-    adapters). No dropout. Differentiable w.r.t. input, bias, lora_A, lora_B_t, lora_bias and row_scale.
+    adapters). No dropout. Differentiable w.r.t. input, bias, lora_A, lora_B_t, lora_bias, scalings
+    and row_scale.
     """
     return torch.ops.aqlm_lora.lora_mixed_forward.default(
         input, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
@@ -207,8 +208,19 @@ def _refuse_double_backward(op: str, *tensors: Optional[Tensor]) -> None:
         )
 
 
+def refuse_weight_grad(codebooks: Tensor, scales: Tensor) -> None:
+    """Gradients to the frozen codebooks and scales are not computed: refuse a call that asks for
+    them rather than hand back a silent None (setup_context runs only when autograd records)."""
+    if codebooks.requires_grad or scales.requires_grad:
+        raise ValueError(
+            "aqlm_lora: gradients w.r.t. codebooks or scales are not supported; freeze them with "
+            "requires_grad_(False) (PEFT does this for base layers)"
+        )
+
+
 def _aqlm_gemm_setup(ctx, inputs, output):
     _, codes, codebooks, scales, bias = inputs
+    refuse_weight_grad(codebooks, scales)
     ctx.save_for_backward(codes, codebooks, scales, bias)
 
 
@@ -226,6 +238,7 @@ torch.library.register_autograd("aqlm_lora::aqlm_gemm", _aqlm_gemm_backward, set
 # makes second-order gradients of the base layer (create_graph=True) exact.
 def _aqlm_gemm_t_setup(ctx, inputs, output):
     _, codes, codebooks, scales = inputs
+    refuse_weight_grad(codebooks, scales)
     ctx.save_for_backward(codes, codebooks, scales)
 
 
@@ -239,6 +252,7 @@ torch.library.register_autograd("aqlm_lora::aqlm_gemm_t", _aqlm_gemm_t_backward,
 
 def _lora_forward_setup(ctx, inputs, output):
     input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset = inputs
+    refuse_weight_grad(codebooks, scales)
     _, xa = output
     ctx.mark_non_differentiable(xa)
     ctx.save_for_backward(input, xa, codes, codebooks, scales, lora_A, lora_B)
@@ -284,6 +298,7 @@ torch.library.register_autograd("aqlm_lora::lora_forward", _lora_forward_backwar
 # then costs K times one adapter's: training with adapter_names is rare; this is correct, not fused.
 def _lora_mixed_forward_setup(ctx, inputs, output):
     input, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices = inputs
+    refuse_weight_grad(codebooks, scales)
     ctx.save_for_backward(input, codes, codebooks, scales, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices)
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -291,7 +306,7 @@ def _lora_mixed_forward_setup(ctx, inputs, output):
 def _lora_mixed_forward_backward(ctx, grad):
     input, codes, codebooks, scales, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    _refuse_double_backward("lora_mixed_forward", grad, input, lora_A, lora_B_t, lora_bias, row_scale)
+    _refuse_double_backward("lora_mixed_forward", grad, input, lora_A, lora_B_t, lora_bias, scalings, row_scale)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     k, r, n_in = lora_A.shape
     n_out = lora_B_t.shape[2]
@@ -315,7 +330,7 @@ def _lora_mixed_forward_backward(ctx, grad):
 
     xa = own(x @ stack_A.T)  # [N, r]
     gb = own(ge @ stack_B_t.T)  # [N, r]
-    grad_input = grad_A = grad_B_t = grad_lora_bias = grad_row_scale = grad_bias = None
+    grad_input = grad_A = grad_B_t = grad_lora_bias = grad_scalings = grad_row_scale = grad_bias = None
     if needs[0]:
         grad_input = aqlm_gemm_t(ge, codes, codebooks, scales) + spread(gb, weight) @ stack_A
         grad_input = grad_input.to(input.dtype).reshape(input.shape)
@@ -325,6 +340,11 @@ def _lora_mixed_forward_backward(ctx, grad):
         grad_B_t = (spread(xa, weight).T @ ge).reshape(lora_B_t.shape).to(lora_B_t.dtype)
     if lora_bias is not None and needs[7]:
         grad_lora_bias = (weight.T @ ge).to(lora_bias.dtype)
+    if needs[8]:  # d out[n] / d scalings[a] = row_scale[a] * (x A[a]^T B_t[a] + lora_bias[a]), rows of a
+        lora_out = spread(xa, onehot) @ stack_B_t
+        if lora_bias is not None:
+            lora_out = lora_out + onehot @ lora_bias.to(acc)
+        grad_scalings = (onehot.T @ (ge * lora_out).sum(1)).to(scalings.dtype)
     if row_scale is not None and needs[9]:  # d out / d row_scale = the pre-scale output, recomputed
         pre = aqlm_gemm(x, codes, codebooks, scales, None).to(acc) + spread(xa, weight) @ stack_B_t
         if lora_bias is not None:
@@ -332,7 +352,8 @@ def _lora_mixed_forward_backward(ctx, grad):
         grad_row_scale = (onehot.T @ (g * pre)).to(row_scale.dtype)
     if ctx.bias_dtype is not None and needs[4]:
         grad_bias = _sum_rows(grad).to(ctx.bias_dtype)
-    return grad_input, None, None, None, grad_bias, grad_A, grad_B_t, grad_lora_bias, None, grad_row_scale, None
+    grads = (grad_A, grad_B_t, grad_lora_bias, grad_scalings, grad_row_scale)
+    return grad_input, None, None, None, grad_bias, *grads, None
 
 
 torch.library.register_autograd(

@@ -22,20 +22,20 @@ TORCH_LIBRARY(aqlm_lora, m) {
   m.def("aqlm_gemm_t(Tensor grad, Tensor codes, Tensor codebooks, Tensor scales) -> Tensor");
   // Boolean keep-mask of Philox dropout for a tensor shaped like `input` (element index =
   // row-major position), identical on every backend for the same (seed, offset).
-  m.def("dropout_mask(Tensor input, float dropout_p, int seed, int offset) -> Tensor");
+  m.def("dropout_mask(Tensor input, float dropout_p, SymInt seed, SymInt offset) -> Tensor");
   // Fused base + LoRA forward:
   //   out = input @ W^T + bias + scaling * (dropout(input) @ lora_A^T) @ lora_B^T + scaling * lora_bias
   // Returns (out [..., out], xa [N, r]) where xa = dropout(input) @ lora_A^T, saved for backward.
   m.def(
       "lora_forward(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias, "
-      "Tensor lora_A, Tensor lora_B, Tensor? lora_bias, float scaling, float dropout_p, int seed, "
-      "int offset) -> (Tensor, Tensor)");
+      "Tensor lora_A, Tensor lora_B, Tensor? lora_bias, float scaling, float dropout_p, SymInt seed, "
+      "SymInt offset) -> (Tensor, Tensor)");
   // Backward of lora_forward without lora_bias/bias (their gradients are sums of grad).
   // Returns (grad_input or an empty [0] tensor when input_grad is false, grad_A, grad_B).
   m.def(
       "lora_backward(Tensor grad, Tensor input, Tensor xa, Tensor codes, Tensor codebooks, "
-      "Tensor scales, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, "
-      "int offset, bool input_grad) -> (Tensor, Tensor, Tensor)");
+      "Tensor scales, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, SymInt seed, "
+      "SymInt offset, bool input_grad) -> (Tensor, Tensor, Tensor)");
   // Many adapters in one batch (one per row; Punica/S-LoRA's BGMV): the base x @ W^T once for all
   // rows, then per row n with a = indices[n] >= 0
   //   out[n] = row_scale[a] * (x[n] W^T + scalings[a] * ((x[n] lora_A[a]^T) lora_B_t[a] + lora_bias[a])) + bias

@@ -114,6 +114,14 @@ def test_weight_gradients_are_refused():
         aqlm_lora.aqlm_lora_linear(x, w.codes, codebooks, w.scales, bias, lora_A, lora_B, 1.0)
     with pytest.raises(ValueError, match="codebooks or scales are not supported"):
         aqlm_lora.aqlm_linear(x, w.codes, codebooks, w.scales, bias)
+    scales = w.scales.clone().requires_grad_()  # the ops themselves refuse too, not only the functional API
+    for call in (
+        lambda: ops.aqlm_gemm(x, w.codes, w.codebooks, scales, None),
+        lambda: ops.aqlm_gemm_t(torch.ones(3, w.out_features), w.codes, codebooks, w.scales),
+        lambda: ops.lora_forward(x, w.codes, codebooks, w.scales, None, lora_A, lora_B, None, 1.0, 0.0, 0, 0),
+    ):
+        with pytest.raises(ValueError, match="codebooks or scales are not supported"):
+            call()
 
 
 @device_p
@@ -139,6 +147,33 @@ def test_torch_compile_fullgraph(dropout_p, layout, device):
     torch.testing.assert_close(loss, eager_loss)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_fullgraph_draws_dropout_seeds():
+    """Training with dropout and no seed (what the layer does): the seed drawn inside the graph is a
+    symbolic int (the ops' seed/offset are SymInt), each call draws a new mask, and the compiled step
+    equals the eager one drawn from the same generator state."""
+    torch._dynamo.reset()
+    w, x, bias, lora_A, lora_B, lora_bias = _lora_inputs(SCHEMES[1], "cpu", torch.float32, rows=(4, 5))
+
+    def step(x, lora_A, lora_B):
+        y = aqlm_lora.aqlm_lora_linear(x, *w.args(), w.bias, lora_A, lora_B, 0.5, 0.3)
+        return y.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    losses = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        eager_loss = step(x, lora_A, lora_B)
+        eager_grads = torch.autograd.grad(eager_loss, (x, lora_A, lora_B))
+        torch.manual_seed(seed)
+        loss = compiled(x, lora_A, lora_B)
+        grads = torch.autograd.grad(loss, (x, lora_A, lora_B))
+        torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
+        for a, b in zip(grads, eager_grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        losses.append(loss.item())
+    assert losses[0] != losses[1], "two seeds drew the same dropout mask"
 
 
 @pytest.mark.parametrize("threads", [1, 2])

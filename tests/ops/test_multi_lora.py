@@ -147,11 +147,11 @@ def test_gradcheck_float64():
     x, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices = mixed_args(w, 5, dtype=torch.float64)
     indices = torch.tensor([0, -1, 2, 0, 1])
     bias = w.bias.clone()
-    leaves = [x, bias, lora_A, lora_B_t, lora_bias, row_scale]
+    leaves = [x, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale]
     for t in leaves:
         t.requires_grad_()
 
-    def f(x, bias, lora_A, lora_B_t, lora_bias, row_scale):
+    def f(x, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale):
         return ops.lora_mixed_forward(x, *w.args(), bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices)
 
     assert torch.autograd.gradcheck(f, tuple(leaves))
@@ -161,17 +161,27 @@ def test_gradients_match_reference_autograd():
     w = random_weight(SCHEMES[0], 48, 64, bias=True)
     args = list(mixed_args(w, 12, lead=(2,)))
     bias = w.bias.clone().requires_grad_()
-    for i in (0, 1, 2, 3, 5):
+    for i in (0, 1, 2, 3, 4, 5):
         args[i] = args[i].clone().requires_grad_()
     grads = []
     for impl in (ops, reference):
         out = impl.lora_mixed_forward(args[0], *w.args(), bias, *args[1:])
         torch.manual_seed(1)
-        grads.append(
-            torch.autograd.grad(out, [args[0], bias, args[1], args[2], args[3], args[5]], torch.randn_like(out))
-        )
-    for got, want, name in zip(*grads, ["input", "bias", "lora_A", "lora_B_t", "lora_bias", "row_scale"]):
+        grads.append(torch.autograd.grad(out, [args[0], bias, *args[1:6]], torch.randn_like(out)))
+    names = ["input", "bias", "lora_A", "lora_B_t", "lora_bias", "scalings", "row_scale"]
+    for got, want, name in zip(*grads, names):
         assert_close_fp32(got, want, what=name)
+
+
+@pytest.mark.parametrize("frozen", ["codebooks", "scales"])
+def test_weight_gradients_are_refused(frozen):
+    """Gradients to codebooks or scales are not computed: asking for them is an error, not a None."""
+    w = random_weight(SCHEMES[1], 8, 16, bias=False)
+    x, lora_A, lora_B_t, _, scalings, _, indices = mixed_args(w, 3)
+    weight = dict(zip(["codes", "codebooks", "scales"], w.args()))
+    weight[frozen] = weight[frozen].clone().requires_grad_()
+    with pytest.raises(ValueError, match="codebooks or scales are not supported"):
+        ops.lora_mixed_forward(x, *weight.values(), None, lora_A, lora_B_t, None, scalings, None, indices)
 
 
 def test_double_backward_is_refused():
