@@ -5,24 +5,29 @@ The fused op ``lora_mixed_forward`` takes the adapters as stacks: ``lora_A [K, r
 [K]``, ``lora_bias [K, out]`` (zeros for adapters without one) and ``row_scale [K, out]`` (DoRA's
 ``m / ||W + s B A||``, ones for plain adapters). Building them copies every adapter's weights, so
 :class:`AdapterStack` builds them once and reuses them until an adapter changes. The key holds, per
-adapter, its name, scaling, and the ``data_ptr``, ``_version``, dtype, device, shape and
-``requires_grad`` of its ``A``, ``B``, ``lora_bias`` and DoRA magnitude (and of the base tensors when
-a DoRA adapter is present): adding, deleting or loading an adapter, an optimizer step, or
-``requires_grad_`` all change it. As with :class:`~aqlm_lora.lora.dora.DoraNorms`, writes through
-``.data`` bump no version and are not seen.
+adapter, its name, scaling, and :func:`~aqlm_lora.lora.tensor_key.tensor_key` (the tensor object,
+its ``_version``, dtype, device, shape) and ``requires_grad`` of its ``A``, ``B``, ``lora_bias`` and
+DoRA magnitude (and of the base tensors when a DoRA adapter is present): adding, deleting, loading
+or re-assigning an adapter, an optimizer step, or ``requires_grad_`` all change it. As with
+:class:`~aqlm_lora.lora.dora.DoraNorms`, writes through ``.data`` bump no version and are not seen:
+call ``AqlmLoraLinear.clear_caches()`` after them (PEFT's hotswap does, once registered).
 
-When a gradient is wanted (grad mode on and an adapter tensor requires grad) the stacks are built
-fresh on every call from the parameters, so autograd reaches them; nothing is cached then.
+When a gradient is wanted (grad mode on and a tensor of an adapter some row uses requires grad) the
+stacks are built fresh on every call, so autograd reaches those adapters' parameters; nothing is
+cached then. Adapters no row uses enter as detached copies, so their ``.grad`` stays None (as in
+PEFT, where they never run) and weight decay leaves them alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .tensor_key import tensor_key
 
 __all__ = ["AdapterStack", "StackedAdapters"]
 
@@ -38,9 +43,7 @@ class StackedAdapters:
 
 
 def _tensor_key(t: Optional[Tensor]) -> tuple:
-    if t is None:
-        return ()
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.requires_grad)
+    return () if t is None else (*tensor_key(t), t.requires_grad)
 
 
 class AdapterStack:
@@ -60,12 +63,13 @@ class AdapterStack:
         lora_B = layer.lora_B[name]
         return [layer.lora_A[name].weight, lora_B.weight, lora_B.bias, magnitude]
 
-    def stacked(self, layer) -> StackedAdapters:
-        """The stacks of every adapter of ``layer`` (its ``lora_A`` keys, in order)."""
+    def stacked(self, layer, used: Collection[str]) -> StackedAdapters:
+        """The stacks of every adapter of ``layer`` (its ``lora_A`` keys, in order); only the adapters
+        in ``used`` (those some row of the batch names) are connected to autograd."""
         names = list(layer.lora_A.keys())
         tensors = [self._adapter_tensors(layer, name) for name in names]
         differentiable = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for ts in tensors for t in ts
+            t is not None and t.requires_grad for name, ts in zip(names, tensors) if name in used for t in ts
         )
         has_dora = any(ts[3] is not None for ts in tensors)
         base_key = tuple(_tensor_key(t) for t in layer.quantized_weight()) if has_dora else ()
@@ -79,13 +83,18 @@ class AdapterStack:
         )
         if not differentiable and self._stacked is not None and self._key == key:
             return self._stacked
-        stacked = self._build(layer, names, tensors)
         self.builds += 1
         if differentiable:
             self._key = self._stacked = None
-        else:
-            self._key, self._stacked = key, stacked
-        return stacked
+            detached = [
+                ts if name in used else [None if t is None else t.detach() for t in ts]
+                for name, ts in zip(names, tensors)
+            ]
+            return self._build(layer, names, detached)
+        with torch.no_grad():  # constants, reused by later calls: connected to no parameter
+            self._stacked = self._build(layer, names, tensors)
+        self._key = key
+        return self._stacked
 
     @staticmethod
     def _build(layer, names: list[str], tensors: list[list[Optional[Tensor]]]) -> StackedAdapters:
@@ -104,7 +113,8 @@ class AdapterStack:
             if magnitude is None:
                 row_scales.append(torch.ones(out_features, dtype=dtype, device=device))
             else:
-                row_scales.append(layer.dora_scale(name).to(dtype))
+                scale = layer.dora_scale(name)  # reads the layer's own magnitude: detach it with the rest
+                row_scales.append((scale if magnitude.requires_grad else scale.detach()).to(dtype))
         has_bias = any(ts[2] is not None for ts in tensors)
         has_dora = any(ts[3] is not None for ts in tensors)
         return StackedAdapters(

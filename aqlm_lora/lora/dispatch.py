@@ -39,7 +39,11 @@ limited to the model being adapted, by a registered config, and is undone per mo
 
 The same first :func:`register` wraps ``LoraModel._unload_and_optionally_merge`` (what
 ``merge_and_unload`` runs): for a model holding our layers it warns once about the model's growth
-and updates the AQLM quantization config (see :mod:`aqlm_lora.lora.merge`).
+and updates the AQLM quantization config (see :mod:`aqlm_lora.lora.merge`), and wraps
+``peft.utils.hotswap.hotswap_adapter_from_state_dict`` (which ``hotswap_adapter`` calls): it writes
+the new weights through ``.data``, which no cache key sees, so afterwards every
+:class:`AqlmLoraLinear` of the model drops its caches (``clear_caches``). A reference to the function
+taken before the first :func:`register` is the unwrapped one.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import threading
 from typing import Any, Optional
 
 import aqlm
+import peft.utils.hotswap
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
@@ -196,6 +201,7 @@ def _install_injection_hook() -> None:
         inject_adapter._aqlm_lora_hook = True
         LoraModel.inject_adapter = inject_adapter
         _install_unload_hook()
+        _install_hotswap_hook()
 
 
 def _install_unload_hook() -> None:
@@ -220,3 +226,24 @@ def _install_unload_hook() -> None:
 
     unload._aqlm_lora_hook = True
     LoraModel._unload_and_optionally_merge = unload
+
+
+def _install_hotswap_hook() -> None:
+    """Wrap ``peft.utils.hotswap.hotswap_adapter_from_state_dict`` once per process (see the module docstring)."""
+    original = peft.utils.hotswap.hotswap_adapter_from_state_dict
+    if getattr(original, "_aqlm_lora_hook", False):
+        return
+
+    @functools.wraps(original)
+    def hotswap_adapter_from_state_dict(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        layers = [m for m in model.modules() if isinstance(m, AqlmLoraLinear)]
+        for layer in layers:  # before too: the caches' weak references make swap_tensors (larger ranks) refuse
+            layer.clear_caches()
+        try:
+            return original(model, *args, **kwargs)
+        finally:  # a swap that failed half-way has written some weights too
+            for layer in layers:
+                layer.clear_caches()
+
+    hotswap_adapter_from_state_dict._aqlm_lora_hook = True
+    peft.utils.hotswap.hotswap_adapter_from_state_dict = hotswap_adapter_from_state_dict

@@ -8,7 +8,8 @@ norm from the dense weight; an AQLM layer has none, so the norm is expanded:
 
 - ``||W_o||^2`` depends on the frozen codes only: one blocked pass of ``ops.dequantize`` over row
   slices (never more than ``_BLOCK_ELEMENTS`` weights at a time), cached per layer and recomputed
-  when the codes, codebooks or scales change (their ``data_ptr``, ``_version``, dtype, device);
+  when the codes, codebooks or scales change (:func:`~aqlm_lora.lora.tensor_key.tensor_key`: the
+  tensor objects, their address, ``_version``, dtype, device, shape);
 - ``W A^T`` is one ``ops.aqlm_gemm`` with the ``r`` rows of ``A`` as tokens: one pass over the codes
   for ``r`` tokens, the cost of the base matmul on ``r`` rows;
 - the last term is ``O(r^2 (in + out))`` dense work.
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import functional, ops
 from ..reference import dropout_scaled
+from .tensor_key import tensor_key
 
 __all__ = ["AqlmDoraVariant", "DoraMagnitude", "DoraNorms", "dora_step", "lora_row_norms", "weight_row_sq_norms"]
 
@@ -70,18 +72,16 @@ def lora_row_norms(
     return squared.clamp_min(0.0).sqrt()
 
 
-def _key(*tensors: Tensor) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
-
-
 class DoraNorms:
     """The layer's cached norms (never part of the state dict).
 
     ``||W_o||^2`` is cached for the layer's life, keyed on the codes, codebooks and scales. An
     adapter's row norms are cached only outside training (inference), keyed on its ``A``, ``B``,
     scaling and the base tensors; :meth:`clear_adapters` drops them (the layer does on ``train(True)``).
-    Keys read ``data_ptr`` and ``_version``: writes through ``.data`` (which bump no version)
-    are not seen until the next ``train()`` call.
+    Keys (:func:`~aqlm_lora.lora.tensor_key.tensor_key`) name the tensor objects and read their
+    ``_version``: a new tensor assigned in place of an old one is seen, but writes through ``.data``
+    (which bump no version; PEFT's hotswap, which the layer handles) are not: call
+    ``AqlmLoraLinear.clear_caches()`` after them.
     """
 
     def __init__(self) -> None:
@@ -89,7 +89,7 @@ class DoraNorms:
         self._adapters: dict[str, tuple[tuple, Tensor]] = {}
 
     def weight_sq(self, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
-        key = _key(codes, codebooks, scales)
+        key = tuple(tensor_key(t) for t in (codes, codebooks, scales))
         if self._weight is None or self._weight[0] != key:
             self._weight = (key, weight_row_sq_norms(codes, codebooks, scales))
         return self._weight[1]
@@ -104,7 +104,7 @@ class DoraNorms:
         cache: bool,
     ) -> Tensor:
         """``||W + scaling * B@A||`` per row for adapter ``name``; ``weight``: ``(codes, codebooks, scales)``."""
-        key = (_key(*weight, lora_A, lora_B), float(scaling))
+        key = (tuple(tensor_key(t) for t in (*weight, lora_A, lora_B)), float(scaling))
         hit = self._adapters.get(name)
         if cache and hit is not None and hit[0] == key:
             return hit[1]
@@ -186,6 +186,8 @@ def dora_step(
         no dropout:  y = prev + (scale - 1) * (prev - bias) + scale * v   (= scale * (prev - bias + v) + bias)
         dropout:     y = prev + (scale - 1) * u + scale * v               (the base recomputed on xd)
 
+    ``dropout_p == 1`` (PEFT's ``nn.Dropout(p=1)``): ``xd = x * 0``.
+
     With ``prev`` None, ``prev = x W^T + bias``: without dropout base and LoRA come from one fused
     call; with dropout ``x W^T`` and ``xd W^T`` come from one ``aqlm_gemm`` over both inputs stacked.
 
@@ -207,8 +209,10 @@ def dora_step(
             unbiased = prev if bias is None else prev - bias
             lora = unbiased + functional.lora_delta(x, lora_A, lora_B, scaling)
         return lora * scale if bias is None else torch.addcmul(bias, lora, scale)
-    keep = ops.dropout_mask(x, dropout_p, functional.draw_seed())
-    xd = dropout_scaled(x.to(lora_A.dtype), keep, dropout_p)
+    if dropout_p == 1.0:  # nn.Dropout(p=1) gives x * 0 (NaN where x is not finite); the op's mask needs p < 1
+        xd = x.to(lora_A.dtype) * 0
+    else:
+        xd = dropout_scaled(x.to(lora_A.dtype), ops.dropout_mask(x, dropout_p, functional.draw_seed()), dropout_p)
     v = ((xd @ lora_A.T) @ lora_B.T) * scaling
     if prev is None:
         dtype = torch.promote_types(x.dtype, xd.dtype)

@@ -18,7 +18,8 @@ Behaviour worth knowing:
   plain-PyTorch LoRA term with its own Philox mask. Adapters in one group share one dropout mask
   per call (each adapter still sees Bernoulli(1 - p) dropout; PEFT draws independent masks).
 - Dropout masks come from the op's counter-based generator (seeded from torch's default CPU
-  generator), not from ``nn.Dropout``: same statistics, different draws.
+  generator), not from ``nn.Dropout``: same statistics, different draws. ``lora_dropout=1.0`` gives
+  PEFT's ``x * 0`` LoRA input (the op's dropout needs p < 1: those adapters are added apart).
 - dtypes: the fused op reads ``x`` in its own dtype and accumulates in float32 against LoRA
   weights of any float dtype, which is what PEFT's ``_cast_input_dtype`` (cast ``x`` to the
   LoRA dtype for the LoRA branch, cast the LoRA output back) achieves, without the extra copies.
@@ -30,8 +31,8 @@ Behaviour worth knowing:
   (``adapter_names=``), which PEFT refuses.
 - Mixed batches (``adapter_names=``): one ``lora_mixed_forward`` call per layer, the base matmul
   once for the whole batch and each row's LoRA from stacked adapter weights
-  (:mod:`aqlm_lora.lora.adapter_stack`, cached until an adapter changes); while training with
-  dropout, one call per adapter on its rows instead.
+  (:mod:`aqlm_lora.lora.adapter_stack`, cached until an adapter changes; :meth:`clear_caches` after
+  writes through ``.data``); while training with dropout, one call per adapter on its rows instead.
 - ``merge()`` swaps in a dense ``nn.Linear`` base holding the merged weight and keeps the AQLM layer
   to put back on ``unmerge()`` (:mod:`aqlm_lora.lora.merge`).
 """
@@ -85,6 +86,16 @@ def _check_supported(config: LoraConfig, cls_name: str) -> None:
             "weight cannot absorb a residual without re-quantizing. Use init_lora_weights=True, False, "
             "'gaussian', 'eva' or 'orthogonal', or apply the init on the dense model before quantizing."
         )
+
+
+def _lora_delta(
+    x: Tensor, lora_A: Tensor, lora_B: Tensor, lora_bias: Optional[Tensor], scaling: float, dropout_p: float
+) -> Tensor:
+    """``functional.lora_delta``, also for ``dropout_p == 1``, which the op's dropout refuses: PEFT's
+    ``nn.Dropout(p=1)`` gives ``x * 0`` (NaN where x is not finite), so the term is ``scaling * lora_bias``."""
+    if dropout_p == 1.0:
+        x, dropout_p = x * 0, 0.0
+    return functional.lora_delta(x, lora_A, lora_B, scaling, dropout_p, lora_bias)
 
 
 class AqlmLoraLinear(torch.nn.Module, LoraLayer):
@@ -157,6 +168,9 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
             self.orthogonal_init(adapter_name)
             if adapter_name in self.lora_variant:  # DoRA's magnitude starts from the final A and B
                 self.lora_variant[adapter_name].init(self, adapter_name=adapter_name)
+            # The new parameters require grad; PEFT's update_layer ends with this call, which freezes
+            # the inactive adapters (and, with inference_mode, the active ones).
+            self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     @property
     def lora_variants(self) -> dict:
@@ -193,6 +207,15 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         norms = self.dora_norms.row_norms(name, weight, lora_A, lora_B, self.scaling[name], cache=not self.training)
         return self.lora_magnitude_vector[name].weight.to(norms.dtype) / norms
 
+    def clear_caches(self) -> None:
+        """Drop the cached DoRA norms and mixed-batch adapter stacks. Their keys see new tensors and
+        in-place ops but not writes through ``.data`` (no version bump): call this after such writes.
+        PEFT's ``hotswap_adapter``/``hotswap_adapter_from_state_dict`` call it (see :mod:`.dispatch`)."""
+        for key in ("_dora_norms", "_adapter_stack"):
+            cache = self.__dict__.get(key)
+            if cache is not None:
+                cache.clear()
+
     def train(self, mode: bool = True):
         if mode:  # cached adapter norms (used outside training only) live for one eval() stretch at most
             self.dora_norms.clear_adapters()
@@ -217,6 +240,17 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         weight_A, weight_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         self.lora_A[adapter_name].weight = nn.Parameter(lora_A.contiguous().to(weight_A))
         self.lora_B[adapter_name].weight = nn.Parameter(lora_B.contiguous().to(weight_B))
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """PEFT's ``lora.Linear.get_delta_weight``: ``B @ A * scaling`` in B's dtype, fp16/bf16 on the CPU
+        computed in float32 and cast back (read by ``add_weighted_adapter``'s SVD combinations)."""
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        dtype = weight_B.dtype
+        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if upcast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = (weight_B @ weight_A) * self.scaling[adapter]
+        return delta.to(dtype) if upcast else delta
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge the active adapters (or ``adapter_names``): the base layer becomes a dense ``nn.Linear``
@@ -275,7 +309,7 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         lora_A, lora_B, scaling = self.lora_A[name].weight, self.lora_B[name], self.scaling[name]
         dropout_p = self._dropout_p(name, self.training)
         if name not in self.lora_magnitude_vector:
-            return out + functional.lora_delta(x, lora_A, lora_B.weight, scaling, dropout_p, lora_B.bias)
+            return out + _lora_delta(x, lora_A, lora_B.weight, lora_B.bias, scaling, dropout_p)
         magnitude = self.lora_magnitude_vector[name].weight
         scale = self.dora_scale(name, weight)
         # Without a gradient for m, one scale per output row lets the rescaling ride in the fused call.
@@ -291,14 +325,17 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         groups: dict[float, list[str]] = {}
         for name in names:
             groups.setdefault(self._dropout_p(name, training), []).append(name)
-        (first, *rest) = groups.values()
-        weight_A, weight_B, lora_bias, scaling, dropout_p = self._adapter_terms(first, training)
-        out = functional.aqlm_lora_linear(
-            x, codes, codebooks, scales, bias, weight_A, weight_B, scaling, dropout_p, lora_bias, training=training
-        )
-        for group in rest:  # only while training with adapters of different dropout probabilities
-            weight_A, weight_B, lora_bias, scaling, dropout_p = self._adapter_terms(group, training)
-            delta = functional.lora_delta(x, weight_A, weight_B, scaling, dropout_p, lora_bias)
+        dropped = groups.pop(1.0, None)  # the op's dropout needs p < 1: these are added apart
+        rest = list(groups.values())
+        if rest:
+            weight_A, weight_B, lora_bias, scaling, dropout_p = self._adapter_terms(rest.pop(0), training)
+            out = functional.aqlm_lora_linear(
+                x, codes, codebooks, scales, bias, weight_A, weight_B, scaling, dropout_p, lora_bias, training=training
+            )
+        else:
+            out = functional.aqlm_linear(x, codes, codebooks, scales, bias)
+        for group in rest + ([dropped] if dropped else []):  # only while training: other dropout probabilities
+            delta = _lora_delta(x, *self._adapter_terms(group, training))
             out = out + delta.to(out.dtype)
         return out
 
@@ -366,7 +403,7 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
         used = distinct - {"__base__"}
         if self.training and any(self._dropout_p(name, True) != 0.0 for name in used):
             return self._grouped_forward(x, keys)
-        stacked = self.adapter_stack.stacked(self)
+        stacked = self.adapter_stack.stacked(self, used)
         rows_per_item = x[0].numel() // x.shape[-1] if x.dim() > 1 and x.shape[-1] else 1
         indices = self.adapter_stack.indices(keys, stacked.index, rows_per_item, x.device)
         return functional.aqlm_lora_mixed_linear(

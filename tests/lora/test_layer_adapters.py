@@ -87,6 +87,29 @@ def test_init_matches_peft_linear(init):
     assert b_is_zero == (init in (True, "gaussian", "eva"))
 
 
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_orthogonal_init_leaves_requires_grad_as_peft(inference_mode):
+    """PEFT's update_layer ends by freezing the inactive adapters; our orthogonal init (after it) must too."""
+    ours = AqlmLoraLinear(
+        make_quantized_linear(SCHEMES[0]), "a", r=4, config=LoraConfig(init_lora_weights="orthogonal")
+    )
+    theirs = PeftLinear(
+        nn.Linear(IN_FEATURES, OUT_FEATURES), "a", r=4, config=LoraConfig(init_lora_weights="orthogonal")
+    )
+    for layer in (ours, theirs):
+        for name, use_dora in (("b", True), ("c", False)):
+            config = LoraConfig(r=4, init_lora_weights="orthogonal", use_dora=use_dora, inference_mode=inference_mode)
+            layer.update_layer(name, 4, lora_alpha=8, config=config)
+
+    def flags(layer: nn.Module) -> dict[str, bool]:
+        return {name: p.requires_grad for name, p in layer.named_parameters() if name.startswith("lora_")}
+
+    assert len(flags(ours)) == 7 and flags(ours) == flags(theirs)
+    for layer in (ours, theirs):
+        layer.set_adapter(["b", "c"])
+    assert flags(ours) == flags(theirs)
+
+
 def test_constructor_without_config_uses_keywords():
     base = make_quantized_linear(SCHEMES[1])
     layer = AqlmLoraLinear(base, "x", r=8, lora_alpha=4, lora_dropout=0.1, use_rslora=True, lora_bias=True)

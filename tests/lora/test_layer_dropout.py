@@ -2,6 +2,7 @@
 seed), p read from lora_dropout, only while training, one mask per dropout group, replayed under
 activation checkpointing."""
 
+import pytest
 import torch
 
 from aqlm_lora import AqlmLoraLinear, ops, reference
@@ -11,12 +12,14 @@ from tests.support.layers import (
     OUT_FEATURES,
     SCHEMES,
     adapter_params,
+    dense_peft_twin,
     dropout_layer,
     lora_config,
     make_quantized_linear,
+    mixed_rows_oracle,
     run_with_grads,
 )
-from tests.support.tolerances import assert_close_fp32
+from tests.support.tolerances import FP64_RTOL, assert_close_fp32
 
 
 def _weights(layer, name="a"):
@@ -135,3 +138,43 @@ def test_dropout_mask_is_replayed_under_checkpointing():
     assert torch.equal(xc.grad, grads["input"])
     for name, p in adapter_params(layer).items():
         assert torch.equal(p.grad, grads[name]), name
+
+
+@pytest.mark.parametrize("case", ["lora", "lora_bias", "dora", "with_p0", "mixed"])
+def test_dropout_one_drops_the_whole_lora_input_as_peft(case):
+    """lora_dropout=1.0 (the op's dropout needs p < 1): PEFT's nn.Dropout(p=1) gives x * 0, so the
+    LoRA term is scaling * lora_bias, A and B get zero gradients; float64 against PEFT's dense layer."""
+    base = make_quantized_linear(SCHEMES[1], dtype=torch.float64)
+    config = lora_config(lora_dropout=1.0, lora_bias=case != "dora", use_dora=case == "dora")
+    layer = AqlmLoraLinear(base, "a", r=4, lora_alpha=8, config=config)
+    if case in ("with_p0", "mixed"):  # another adapter, its dropout 0, in the fused call
+        layer.update_layer("b", 6, lora_alpha=3, config=lora_config(r=6, lora_alpha=3, lora_bias=True))
+        layer.set_adapter(["b", "a"] if case == "with_p0" else "a")
+    layer.double().train()
+    with torch.no_grad():
+        for name, p in adapter_params(layer).items():
+            p.mul_(torch.rand(p.shape) + 0.5) if "magnitude" in name else p.normal_()
+    x, grad_out = torch.randn(5, IN_FEATURES, dtype=torch.float64), torch.randn(5, OUT_FEATURES, dtype=torch.float64)
+    twin = dense_peft_twin(layer)
+    if case == "mixed":
+        names = ["a", "b", "__base__", "a", "b"]
+        out, grads = run_with_grads(layer, x, grad_out, adapter_names=names)
+        want, want_grads = mixed_rows_oracle(twin, x, grad_out, names)
+    else:
+        out, grads = run_with_grads(layer, x, grad_out)
+        want, want_grads = run_with_grads(twin, x, grad_out)
+    assert_close_fp32(out, want, rtol=FP64_RTOL, what="output")
+    assert set(grads) == set(want_grads)
+    for name, grad in grads.items():
+        assert_close_fp32(grad, want_grads[name], rtol=FP64_RTOL, what=name)
+    assert not grads["lora_A.a.weight"].any() and not grads["lora_B.a.weight"].any()
+    layer.eval()  # no dropout: the adapter counts
+    assert_close_fp32(layer(x), dense_peft_twin(layer)(x), rtol=FP64_RTOL, what="eval")
+
+
+def test_dropout_one_keeps_peft_nan_for_infinite_inputs():
+    layer = AqlmLoraLinear(make_quantized_linear(SCHEMES[1]), "a", r=4, config=lora_config(lora_dropout=1.0))
+    x = torch.randn(2, IN_FEATURES)
+    x[0, 3] = float("inf")
+    out, want = layer.train()(x), dense_peft_twin(layer).train()(x)
+    assert torch.equal(out.isnan(), want.isnan()) and out[0].isnan().all() and not out[1].isnan().any()

@@ -206,3 +206,27 @@ def test_bf16_input():
         want = layer(x, adapter_names=NAMES)
     assert out.dtype == torch.bfloat16
     assert (out.float() - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_adapters_no_row_uses_get_no_gradient():
+    """As in PEFT, where they never run: .grad stays None (AdamW's weight decay then leaves them
+    alone), also for DoRA's magnitude; the outputs and the used adapters' gradients are unchanged."""
+    torch.manual_seed(0)
+    ours = four_adapters().train()
+    twin = four_adapters().train()
+    twin.load_state_dict(ours.state_dict())
+    names = ["a", "__base__", "c", "a"]  # "b" and the DoRA adapter "d" unused
+    x, grad_out = torch.randn(4, 3, IN_FEATURES), torch.randn(4, 3, ours.out_features)
+    out, grads = run_with_grads(ours, x, grad_out, adapter_names=names)
+    for name in ("b", "d"):
+        assert grads[f"lora_A.{name}.weight"] is None and grads[f"lora_B.{name}.weight"] is None, name
+    assert grads["lora_magnitude_vector.d.weight"] is None
+    for p in adapter_params(twin).values():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        twin.lora_A["b"].weight.add_(1.0)  # an unused adapter cannot matter
+    want, want_grads = run_with_grads(twin, x, grad_out, adapter_names=names)
+    assert torch.equal(out, want)
+    for name, grad in grads.items():
+        want_grad = want_grads[name]
+        assert (grad is None) == (want_grad is None) and (grad is None or torch.equal(grad, want_grad)), name

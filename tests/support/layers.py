@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, Callable, Optional
 
 import aqlm
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from aqlm.utils import _dequantize_weight, unpack_int_data
 from peft import LoraConfig
 from peft.tuners.lora.aqlm import AqlmLoraLinear as PeftAqlmLoraLinear
+from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import Tensor, nn
 
 from aqlm_lora import AqlmLoraLinear
@@ -151,6 +153,21 @@ def twin_of(ours: nn.Module, layer_class: type, base: nn.Module, dtype: Optional
     return twin
 
 
+def dense_peft_twin(ours: nn.Module, dtype: Optional[torch.dtype] = None) -> PeftLinear:
+    """PEFT's ``lora.Linear`` on an ``nn.Linear`` holding ours' dequantized weight, with ours' adapters,
+    active set and mode, everything in ``dtype`` (default: the codebooks' dtype): the dense oracle."""
+    base = ours.get_base_layer()
+    dtype = dtype or base.codebooks.dtype
+    dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(dense_weight(base, dtype))
+        if base.bias is not None:
+            dense.bias.copy_(base.bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return twin_of(ours, PeftLinear, dense, dtype)
+
+
 def config_of(layer: nn.Module, name: str) -> LoraConfig:
     """The LoraConfig that rebuilds adapter ``name`` of ``layer`` (LoRA or DoRA)."""
     dropout = layer.lora_dropout[name]
@@ -243,3 +260,53 @@ def edit_adapters(
                 lora_B(p)
             elif "lora_magnitude_vector" in name:
                 magnitude(p)
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every AQLM layer replaced by an ``nn.Linear`` holding its dequantized
+    weight (in the codebooks' dtype), frozen."""
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, aqlm.QuantizedLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.to(module.codebooks.dtype).requires_grad_(False)
+            with torch.no_grad():
+                linear.weight.copy_(dense_weight(module))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            dense.set_submodule(name, linear)
+    return dense
+
+
+def random_adapter_state(model: nn.Module, adapter: str, seed: int) -> dict[str, Tensor]:
+    """New random float64 weights for ``adapter`` of a PEFT model (DoRA magnitudes scaled), by state-dict key."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key and f".{adapter}." in key:
+            noise = torch.randn(value.shape, generator=g, dtype=torch.float64)
+            state[key] = value * (1.0 + noise.abs()) if "magnitude" in key else noise * 0.2
+    return state
+
+
+def peft_model_pair(targets: list[str], use_dora: bool, names: list[str]) -> tuple[nn.Module, nn.Module]:
+    """(ours: the tiny AQLM Llama through ``aqlm_lora.register``, PEFT on its :func:`dense_copy`), both
+    float64 and in eval mode, with adapters ``names`` (r=4, alpha=8) holding the same random weights."""
+    from peft import get_peft_model
+
+    from aqlm_lora import register
+
+    quantized = tiny_aqlm_llama(SCHEMES[1]).double()
+    dense = dense_copy(quantized)
+    models = []
+    for model, wrap in ((quantized, register), (dense, lambda c: c)):
+        configs = [LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora) for _ in names]
+        peft_model = get_peft_model(model, wrap(configs[0]), adapter_name=names[0])
+        for name, config in zip(names[1:], configs[1:]):
+            peft_model.add_adapter(name, wrap(config))
+        models.append(peft_model.double().eval())
+    for seed, name in enumerate(names):
+        state = random_adapter_state(models[0], name, seed)
+        for model in models:
+            model.load_state_dict(state, strict=False)
+    return models[0], models[1]
