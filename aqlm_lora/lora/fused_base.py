@@ -20,11 +20,19 @@ import threading
 import types
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import functional
 
-__all__ = ["FusedKernels", "canonical_codes", "on_fused_kernels", "restore_aqlm_kernels", "use_fused_kernels"]
+__all__ = [
+    "FusedKernels",
+    "canonical_codes",
+    "on_fused_kernels",
+    "restore_aqlm_kernels",
+    "restore_checkpoint_layout",
+    "use_fused_kernels",
+]
 
 # Patching walks a model and swaps attributes layer by layer: one lock keeps two concurrent calls
 # (say, a patch and a restore of one model from two threads) from interleaving on a layer.
@@ -193,3 +201,23 @@ def restore_aqlm_kernels(model: nn.Module) -> int:
     way; this switches the bare layers (the untargeted ones, or all of them after ``unload()``)."""
     with _LOCK:
         return sum(_unpatch(layer) for layer in _aqlm_layers(model))
+
+
+@torch.no_grad()
+def restore_checkpoint_layout(model: nn.Module) -> int:
+    """Write the codes of every ``aqlm.QuantizedLinear`` in ``model`` that aqlm's own CPU forward
+    permuted back in the checkpoint layout ``[out_groups, in_groups, C]``; returns how many.
+
+    Saved permuted, such codes fail to load (size mismatch) or, for a square grid of groups, load
+    without complaint into a wrong weight. aqlm's prepared ops are dropped with them, so its next
+    forward prepares (and permutes) again, as on a freshly loaded layer.
+    """
+    restored = 0
+    for layer in _aqlm_layers(model):
+        codes = canonical_codes(layer)
+        if codes is layer.codes:
+            continue
+        layer.codes.data = codes.contiguous()
+        layer.gemv_op = layer.gemm_op = layer.use_gemv_rule = None
+        restored += 1
+    return restored

@@ -80,20 +80,25 @@ def merged_weight(layer: AqlmLoraLinear, names: list[str]) -> tuple[Tensor, Opti
     acc = _acc(codebooks.dtype)
     unmerged = ops.dequantize(codes, codebooks.to(acc), scales.to(acc))
     base_bias = layer.quantized_base().bias
-    weight, bias = unmerged, None if base_bias is None else base_bias.to(acc)
+    base_bias = None if base_bias is None else base_bias.to(acc)
+    weight, bias = unmerged, base_bias
     for name in names:
         scaling = layer.scaling[name]
         lora_A, lora_B = layer.lora_A[name].weight.to(acc), layer.lora_B[name]
         delta = (lora_B.weight.to(acc) @ lora_A) * scaling
+        lora_bias = None if lora_B.bias is None else lora_B.bias.to(acc) * scaling
+        if lora_bias is not None:
+            bias = lora_bias if bias is None else bias + lora_bias
         if name in layer.lora_magnitude_vector:  # the norm of the unmerged weight, as forward uses
-            norms = torch.linalg.norm(unmerged + delta, dim=1)
-            magnitude = layer.lora_magnitude_vector[name].weight.to(acc)
-            weight = (magnitude / norms)[:, None] * (weight + delta)
+            factor = layer.lora_magnitude_vector[name].weight.to(acc) / torch.linalg.norm(unmerged + delta, dim=1)
+            weight = factor[:, None] * (weight + delta)
+            # Forward rescales all but the base bias (dora_step: scale * (prev - bias + v) + bias),
+            # earlier adapters' lora_bias included; PEFT's own merge leaves the bias unscaled, which
+            # changes the outputs when a lora_bias comes before a DoRA adapter.
+            if bias is not None and bias is not base_bias:
+                bias = factor * bias if base_bias is None else base_bias + factor * (bias - base_bias)
         else:
             weight = weight + delta
-        if lora_B.bias is not None:
-            lora_bias = lora_B.bias.to(acc) * scaling
-            bias = lora_bias if bias is None else bias + lora_bias
     return weight, bias
 
 
@@ -224,12 +229,16 @@ def merge_and_unload(
     layers. Each becomes an ``nn.Linear`` holding ``W_dequantized`` with its adapters merged in (biases
     included); AQLM layers without an adapter stay AQLM. One ``UserWarning`` says how much bigger the
     model became. The model's ``quantization_config`` then lists the dense layers as not quantized
-    (or is removed when no AQLM layer is left), so ``save_pretrained`` writes a checkpoint that
+    (or is removed when no AQLM layer is left), and codes that aqlm's own CPU forward permuted in
+    place are put back in the checkpoint layout, so ``save_pretrained`` writes a checkpoint that
     transformers loads back as it is.
     """
+    from .fused_base import restore_checkpoint_layout
+
     with merging(model, dtype):
         merged = model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
     update_quantization_config(merged)
+    restore_checkpoint_layout(merged)  # the AQLM layers left are saved next: in the layout transformers loads
     return merged
 
 

@@ -7,6 +7,10 @@ from its codes, codebooks and scales (:func:`aqlm_lora.quantize.quantize_weight`
 unloaded transformers model with new ``aqlm.QuantizedLinear`` layers where adapters were, the same
 AQLM quantization config, and ``save_pretrained`` writes an AQLM checkpoint of it.
 
+Adapted layers that are dense in the checkpoint (``nn.Linear``: layers quantization skipped) are
+merged densely by PEFT's own layer merge, as ``merge_and_unload`` would: unloading alone would drop
+their adapters.
+
 Every scheme holds a merged DoRA adapter: its row rescaling folds into one scale per row exactly
 (``og == 1``) and is fitted like any other change of the weight otherwise. What an AQLM layer cannot
 hold is a LoRA bias where the base layer has no bias (the checkpoint's architecture has none): that
@@ -20,12 +24,13 @@ from typing import Optional
 
 import aqlm
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTuner
 from torch import Tensor, nn
 
 from ..quantize import QuantizedWeight, layer_scheme, quantize_weight
 from .codebook_tuning import teacher_log_probs, tune_codebooks
-from .fused_base import on_fused_kernels, use_fused_kernels
+from .fused_base import on_fused_kernels, restore_checkpoint_layout, use_fused_kernels
 from .layer import AqlmLoraLinear
 from .merge import merged_weight
 
@@ -34,22 +39,39 @@ __all__ = ["merge_and_quantize"]
 logger = logging.getLogger("aqlm_lora")
 
 
-def _adapted_layers(model: nn.Module, adapter_names: Optional[list[str]]) -> tuple[nn.Module, dict]:
-    """The tuner (``LoraModel``) and ``{name in the transformers model: (layer, adapters to merge)}``."""
+def _adapted_layers(model: nn.Module, adapter_names: Optional[list[str]]) -> tuple[nn.Module, dict, dict]:
+    """The tuner (``LoraModel``), then ``{name in the transformers model: (layer, adapters to merge)}`` of
+    the AQLM layers and of the other (dense) LoRA layers."""
     tuner = model.base_model if isinstance(model, PeftModel) else model
     if not isinstance(tuner, BaseTuner):
         raise TypeError(f"merge_and_quantize needs a PeftModel or LoraModel, got {type(model).__name__}")
-    inner = tuner.model
-    found = {}
-    for name, module in inner.named_modules():
-        if isinstance(module, AqlmLoraLinear):
-            wanted = adapter_names if adapter_names is not None else list(module.active_adapters)
-            names = [n for n in wanted if n in module.lora_A]
-            if module.merged:
-                raise ValueError(f"merge_and_quantize: layer {name} has merged adapters; unmerge() them first")
-            if names and not module.disable_adapters:
-                found[name] = (module, names)
-    return tuner, found
+    found, dense = {}, {}
+    for name, module in tuner.model.named_modules():
+        ours = isinstance(module, AqlmLoraLinear)
+        # Only LoRA layers on a dense base merge densely (PEFT's stock AQLM layer cannot merge).
+        if not ours and not (isinstance(module, LoraLayer) and _dense_base(module)):
+            continue
+        wanted = adapter_names if adapter_names is not None else list(module.active_adapters)
+        names = [n for n in wanted if n in module.lora_A or n in module.lora_embedding_A]
+        if module.merged:
+            raise ValueError(f"merge_and_quantize: layer {name} has merged adapters; unmerge() them first")
+        if not names or module.disable_adapters:
+            continue
+        if not ours and any(module.lora_bias.get(n) for n in names) and _bias(module) is None:
+            # PEFT's merge would fail half-way (RuntimeError); refuse before anything changes.
+            raise ValueError(
+                f"merge_and_quantize: layer {name} has a LoRA bias (lora_bias=True) but no bias to merge it into"
+            )
+        (found if ours else dense)[name] = (module, names)
+    return tuner, found, dense
+
+
+def _dense_base(layer: LoraLayer) -> bool:
+    return not isinstance(layer.get_base_layer(), aqlm.QuantizedLinear)
+
+
+def _bias(layer: LoraLayer) -> Optional[Tensor]:
+    return getattr(layer.get_base_layer(), "bias", None)  # an nn.Embedding has none
 
 
 def _requantized(name: str, layer: AqlmLoraLinear, adapters: list[str], **kwargs) -> tuple[nn.Module, list[float]]:
@@ -100,7 +122,7 @@ def merge_and_quantize(
     ``tune_batch`` windows at ``tune_lr``, codes fixed); ``losses`` receives the KL of each step.
     The teacher's log-probabilities are kept for all windows (``N * T * vocab`` floats).
     """
-    tuner, layers = _adapted_layers(model, adapter_names)
+    tuner, layers, dense_layers = _adapted_layers(model, adapter_names)
     if not layers:
         raise ValueError("merge_and_quantize: no AQLM layer of this model has an active adapter to merge")
     fused = any(on_fused_kernels(m) for m in tuner.model.modules() if isinstance(m, aqlm.QuantizedLinear))
@@ -111,6 +133,8 @@ def merge_and_quantize(
             errors[name] = layer_errors
         logger.info("merge_and_quantize %s: relative error %s", name, " -> ".join(f"{e:.4f}" for e in layer_errors))
     targets = None if calibration is None else teacher_log_probs(model, calibration, tune_batch)
+    for layer, adapters in dense_layers.values():
+        layer.merge(adapter_names=adapters)  # into the dense base layer, which unload() keeps
     unloaded = tuner.unload()
     for name, layer in new_layers.items():
         unloaded.set_submodule(name, layer)
@@ -122,4 +146,5 @@ def merge_and_quantize(
             losses.extend(step_losses)
     if fused:
         use_fused_kernels(unloaded)
+    restore_checkpoint_layout(unloaded)  # layers aqlm's own CPU forward permuted: saved next, as loaded
     return unloaded

@@ -15,8 +15,16 @@ from torch import nn
 import aqlm_lora
 from aqlm_lora import AqlmLoraLinear
 from aqlm_lora.lora.merge import merge_and_unload
-from tests.lora.test_dora import build, dense_twin
-from tests.support.layers import IN_FEATURES, SCHEME_IDS, SCHEMES, edit_adapters, lora_config, make_quantized_linear
+from tests.lora.test_dora import build
+from tests.support.layers import (
+    IN_FEATURES,
+    SCHEME_IDS,
+    SCHEMES,
+    dense_peft_twin,
+    edit_adapters,
+    lora_config,
+    make_quantized_linear,
+)
 from tests.support.tolerances import assert_close_fp32
 
 
@@ -58,13 +66,27 @@ def test_merge_then_unmerge_restores_the_quantized_layer(scheme):
 def test_merged_weight_is_peft_merged_weight():
     """The dense weight equals PEFT's own merge of the same adapters into nn.Linear(dequantized W)."""
     layer = lora_and_dora_layer(SCHEMES[1])
-    twin = dense_twin(layer, torch.float32).eval()
+    twin = dense_peft_twin(layer, torch.float32).eval()
     twin.merge()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer.merge()
     assert_close_fp32(layer.get_base_layer().weight, twin.get_base_layer().weight, what="merged weight")
     assert_close_fp32(layer.get_base_layer().bias, twin.get_base_layer().bias, what="merged bias")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=SCHEME_IDS[:2])
+def test_lora_bias_before_a_dora_adapter_merges_without_changing_outputs(scheme):
+    """DoRA rescales everything but the base bias, an earlier adapter's lora_bias included; PEFT's
+    own merge leaves that bias unscaled (its merged outputs move by the DoRA factor times it)."""
+    layer = lora_and_dora_layer(scheme)
+    layer.set_adapter(["q", "a", "p", "b"])
+    x = torch.randn(5, IN_FEATURES)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = layer(x)
+        layer.merge()
+        assert_close_fp32(layer(x), expected, what="merged output")
 
 
 def test_merging_one_by_one_equals_merging_together():
@@ -207,3 +229,25 @@ def test_model_without_aqlm_left_drops_the_quantization_config():
         merged = get_peft_model(model, config).merge_and_unload()
     assert not any(isinstance(m, aqlm.QuantizedLinear) for m in merged.modules())
     assert getattr(merged.config, "quantization_config", None) is None
+
+
+@pytest.mark.parametrize("path", ["merge_and_unload", "merge_and_quantize"])
+def test_codes_aqlm_permuted_are_saved_in_the_checkpoint_layout(path):
+    """aqlm's own first CPU forward permutes 8-bit codes in place; the AQLM layers a merge leaves are
+    saved next, and permuted codes would not load (or, for a square grid of groups, load wrong)."""
+    from aqlm_lora.lora.requantize import merge_and_quantize
+
+    model = copy.deepcopy(_tiny_aqlm_model())
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, aqlm.QuantizedLinear)}
+    original = {n: m.codes.clone() for n, m in layers.items()}
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long))  # aqlm's forward, not ours
+    assert all(m.codes.shape == original[n].shape[::-1][1:] + original[n].shape[2:] for n, m in layers.items())
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, aqlm_lora.register(config))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merge = merge_and_unload if path == "merge_and_unload" else functools.partial(merge_and_quantize, rounds=1)
+        merged = merge(peft_model)
+    left = {n: m for n, m in merged.named_modules() if isinstance(m, aqlm.QuantizedLinear) and "q_proj" not in n}
+    assert left and all(torch.equal(m.codes, original[n]) and m.gemv_op is None for n, m in left.items())

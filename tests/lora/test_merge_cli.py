@@ -123,8 +123,7 @@ def _nothing_written(root: Path, out: Path) -> None:
     "adapter, model, match",
     [
         ("other_adapter", "aqlm", "does not fit this model"),
-        # refused today by the adapter check in app/adapters.py (it reads lora_B.bias as a weight);
-        # test_lora_bias_without_a_base_bias_is_refused covers the merge command's own refusal
+        # the merge command's own refusal (test_lora_bias_without_a_base_bias_is_refused)
         ("biased", "aqlm", "does not fit this model|has a LoRA bias .* no checkpoint of it can hold"),
         ("missing", "aqlm", "adapter directory .*missing does not exist"),
         ("lora", "dense", "has no AQLM layers"),
