@@ -36,8 +36,14 @@ from .tensor_key import tensor_key
 
 __all__ = ["AqlmDoraVariant", "DoraMagnitude", "DoraNorms", "dora_step", "lora_row_norms", "weight_row_sq_norms"]
 
-# At most this many dense weights exist at once while computing ||W_o||^2 (4 MiB in float32).
+# At most this many dense weights exist at once while computing ||W_o||^2 (8 MiB in float64).
 _BLOCK_ELEMENTS = 1 << 20
+
+# The expansion's terms are of the size of ||W_o||^2 and cancel where an adapter nearly cancels a
+# row (||W_o + s (BA)_o|| << ||W_o||): in float32 the norm then lost 5e-2 (relative) where PEFT's
+# direct float32 norm loses 5e-4. In float64 it keeps float32 accuracy; the cost is the r-row
+# product W A^T in float64, small next to a training step's own matmuls.
+_NORM_DTYPE = torch.float64
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -46,8 +52,8 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
 
 @torch.no_grad()
 def weight_row_sq_norms(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
-    """``||W_o||^2`` for every output row, in float32 (float64 for float64 codebooks), one block at a time."""
-    acc = _acc_dtype(codebooks)
+    """``||W_o||^2`` for every output row, in float64, one block at a time."""
+    acc = _NORM_DTYPE
     books, scales = codebooks.detach().to(acc), scales.detach().to(acc)
     out_group, in_features = codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
     step = max(1, _BLOCK_ELEMENTS // (out_group * in_features))
@@ -62,14 +68,15 @@ def weight_row_sq_norms(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Ten
 def lora_row_norms(
     codes: Tensor, codebooks: Tensor, scales: Tensor, weight_sq: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
 ) -> Tensor:
-    """``||W_o + scaling * (B A)_o||`` for every output row (detached), from ``weight_sq = ||W_o||^2``."""
-    acc = _acc_dtype(codebooks, lora_A, lora_B)
+    """``||W_o + scaling * (B A)_o||`` for every output row (detached), from ``weight_sq = ||W_o||^2``,
+    computed in float64 and returned in float32 (float64 when an input is float64)."""
+    acc = _NORM_DTYPE
     a, b = lora_A.detach().to(acc), lora_B.detach().to(acc)
     wa = ops.aqlm_gemm(a, codes, codebooks.detach(), scales.detach(), None)  # [r, out] = A W^T
     cross = (wa.T * b).sum(1)
     lora_sq = ((b @ (a @ a.T)) * b).sum(1)
     squared = weight_sq.to(acc) + (2.0 * scaling) * cross + (scaling * scaling) * lora_sq
-    return squared.clamp_min(0.0).sqrt()
+    return squared.clamp_min(0.0).sqrt().to(_acc_dtype(codebooks, lora_A, lora_B))
 
 
 class DoraNorms:

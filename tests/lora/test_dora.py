@@ -2,7 +2,6 @@
 dequantized weight: outputs and every gradient (x, A, B, m), over the schemes, fp32 and bf16, with
 several adapters, mixed batches, rsLoRA and dropout (same mask); float64 gradcheck; the norms."""
 
-import warnings
 from typing import Optional
 
 import pytest
@@ -22,11 +21,11 @@ from tests.support.layers import (
     SCHEME_IDS,
     SCHEMES,
     adapter_params,
+    dense_peft_twin,
     dense_weight,
     make_quantized_linear,
     mixed_rows_oracle,
     run_with_grads,
-    twin_of,
 )
 from tests.support.tolerances import assert_close_fp32, assert_low_precision_ok, assert_outputs_and_grads_ok
 
@@ -65,19 +64,6 @@ def build(scheme, mode: str = "single", dtype: torch.dtype = torch.float32, drop
     return layer.to(dtype)
 
 
-def dense_twin(ours: AqlmLoraLinear, dtype: torch.dtype) -> PeftLinear:
-    """PEFT's dense LoRA/DoRA layer on ``nn.Linear(dequantized W)`` with ours' adapters, all in ``dtype``."""
-    base = ours.get_base_layer()
-    dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype)
-    with torch.no_grad():
-        dense.weight.copy_(dense_weight(base, dtype))
-        if base.bias is not None:
-            dense.bias.copy_(base.bias)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return twin_of(ours, PeftLinear, dense, dtype)
-
-
 def trainable(layer: nn.Module) -> dict[str, Tensor]:
     return adapter_params(layer)
 
@@ -88,7 +74,7 @@ def run(layer: nn.Module, x: Tensor, grad_out: Tensor, **kwargs) -> tuple[Tensor
 
 def oracle(ours: AqlmLoraLinear, x: Tensor, grad_out: Tensor, dtype: torch.dtype, mode: str):
     """PEFT's dense layer; mixed batches (which PEFT refuses with DoRA) one row at a time."""
-    twin = dense_twin(ours, dtype)
+    twin = dense_peft_twin(ours, dtype)
     x = x.to(dtype)
     if mode != "mixed":
         return run(twin, x, grad_out)
@@ -111,7 +97,7 @@ def test_matches_peft_dora(scheme, dtype, mode):
 
 
 def _twin_output(ours: AqlmLoraLinear, x: Tensor, dtype: torch.dtype, mode: str) -> Tensor:
-    twin = dense_twin(ours, dtype)
+    twin = dense_peft_twin(ours, dtype)
     x = x.to(dtype)
     if mode != "mixed":
         return twin(x)
@@ -177,7 +163,7 @@ def test_dropout_matches_peft_with_same_mask(scheme, dtype, multi):
     out, grads = run(ours, x.to(dtype), grad_out)
     results = []
     for twin_dtype in (torch.float32, dtype):
-        twin = dense_twin(ours, twin_dtype)
+        twin = dense_peft_twin(ours, twin_dtype)
         _masked_twin(twin, masks, p)
         results.append(run(twin, x.to(twin_dtype), grad_out))
     assert_outputs_and_grads_ok(out, grads, results[0], lambda: results[1], dtype)
@@ -222,6 +208,23 @@ def test_norms_equal_dense_norms_in_float64(scheme):
     torch.testing.assert_close(norms, expected.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("keep", [1e-1, 1e-3], ids=lambda k: f"keep{k:g}")
+def test_norms_stay_accurate_where_the_adapter_cancels_a_row(keep):
+    """The expansion's terms are as large as ||W_o||^2 and cancel when B A nearly cancels row 0:
+    float32 norms must still be no worse than twice PEFT's direct float32 norm."""
+    ours = build(SCHEMES[1], "single")
+    weight = dense_weight(ours.get_base_layer(), torch.float64)
+    lora_A = torch.zeros(4, weight.shape[1], dtype=torch.float64)
+    lora_B = torch.zeros(weight.shape[0], 4, dtype=torch.float64)
+    lora_A[0], lora_B[0, 0] = weight[0], -(1.0 - keep)  # row 0 of W + B A is about keep * W_0
+    lora_A, lora_B = lora_A.float(), lora_B.float()  # the inputs both sides get; the truth in float64
+    exact = torch.linalg.norm(weight + lora_B.double() @ lora_A.double(), dim=1)
+    dense32 = torch.linalg.norm(weight.float() + lora_B @ lora_A, dim=1).double()
+    norms = ours.dora_norms.row_norms("a", ours.quantized_weight(), lora_A, lora_B, 1.0, cache=False)
+    ours_error, peft_error = (norms[0].double() / exact[0] - 1).abs(), (dense32[0] / exact[0] - 1).abs()
+    assert norms.dtype == torch.float32 and ours_error <= 2 * peft_error + 1e-7, (ours_error, peft_error)
+
+
 @pytest.mark.parametrize("init", [False, True, "gaussian", "orthogonal"], ids=str)
 def test_magnitude_starts_as_peft_does(init):
     """m = ||W + s B A|| per row for the adapter's initial A and B, whatever the init."""
@@ -250,7 +253,8 @@ def test_weight_norms_never_hold_more_than_one_block(monkeypatch):
     layer.dora_norms.clear()
     sq = layer.dora_norms.weight_sq(*layer.quantized_weight())
     assert seen and max(seen) <= 64 * 20 and sum(seen) == 64 * 160
-    assert_close_fp32(sq, dense_weight(base).pow(2).sum(1))
+    assert sq.dtype == torch.float64  # the norm's terms cancel: see dora._NORM_DTYPE
+    torch.testing.assert_close(sq, dense_weight(base, torch.float64).pow(2).sum(1), rtol=1e-12, atol=1e-12)
 
 
 def test_norm_caches(monkeypatch):
@@ -277,7 +281,7 @@ def test_norm_caches(monkeypatch):
         layer.lora_B["a"].weight.mul_(2.0)  # an in-place change (an optimizer step) invalidates the adapter norms
     changed = layer(x)
     assert calls == {"weight": 1, "adapter": 2}
-    assert_close_fp32(changed, dense_twin(layer, torch.float32)(x).detach(), what="after B changed")
+    assert_close_fp32(changed, dense_peft_twin(layer, torch.float32)(x).detach(), what="after B changed")
     with torch.no_grad():
         layer.get_base_layer().codebooks.mul_(0.5)
     layer(x)
@@ -300,7 +304,7 @@ def test_lora_bias_with_dora_is_refused():
 
 def test_dora_state_dict_keys_are_peft_keys():
     ours = build(SCHEMES[0], "multi")
-    twin = dense_twin(ours, torch.float32)
+    twin = dense_peft_twin(ours, torch.float32)
     ours_keys = {k for k in ours.state_dict() if not k.startswith("base_layer.")}
     twin_keys = {k for k in twin.state_dict() if not k.startswith("base_layer.")}
     assert ours_keys == twin_keys

@@ -3,7 +3,6 @@ disable_adapter, mixed batches, and the saved adapter in PEFT's own DoRA on the 
 
 import copy
 
-import aqlm
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -11,24 +10,10 @@ from torch import nn
 
 import aqlm_lora
 from aqlm_lora import AqlmLoraLinear
-from tests.support.layers import SCHEMES, dense_weight, tiny_aqlm_llama
+from tests.support.layers import SCHEMES, dense_copy, tiny_aqlm_llama
 from tests.support.tolerances import assert_close_fp32
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def dequantized_copy(model: nn.Module) -> nn.Module:
-    """The same model with every AQLM layer replaced by an nn.Linear holding its dequantized weight."""
-    dense = copy.deepcopy(model)
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, aqlm.QuantizedLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight.copy_(dense_weight(module))
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            dense.set_submodule(name, linear)
-    return dense
 
 
 def train_a_little(model: nn.Module, ids: torch.Tensor, steps: int = 3) -> None:
@@ -47,7 +32,7 @@ def train_a_little(model: nn.Module, ids: torch.Tensor, steps: int = 3) -> None:
 def trained(tmp_path_factory):
     """A DoRA adapter (dropout on, like a real run) trained a few steps on the tiny AQLM Llama, saved."""
     model = tiny_aqlm_llama(SCHEMES[1])
-    dense = dequantized_copy(model)
+    dense = dense_copy(model)
     config = aqlm_lora.register(LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True, target_modules=TARGETS))
     peft_model = get_peft_model(model, config)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
