@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 from torch import Tensor, nn
 
@@ -56,31 +57,70 @@ def _adapter_tensors(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     raise UserError(f"adapter directory {adapter_dir} has no adapter_model.safetensors")
 
 
+# LoRA tensors (key ends, after the layer's name): (ndim, the dim that must equal one of the layer's
+# sizes, which one: 0 inputs / vocabulary, 1 outputs / embedding size).
+_LORA_DIMS = {
+    "lora_A.weight": (2, 1, 0),
+    "lora_B.weight": (2, 0, 1),
+    "lora_B.bias": (1, 0, 1),  # lora_bias=True
+    "lora_magnitude_vector": (1, 0, 1),  # DoRA
+    "lora_embedding_A": (2, 1, 0),
+    "lora_embedding_B": (2, 0, 1),
+}
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The layer a PEFT wrapper (LoRA layer, modules_to_save copy) stands for: a second adapter meets them."""
+    if isinstance(getattr(module, "original_module", None), nn.Module):
+        return module.original_module
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _sizes(layer: nn.Module) -> Optional[tuple[tuple[int, int], str]]:
+    """The two sizes of a linear, AQLM or embedding layer, and how to say them; None for other layers."""
+    if isinstance(layer, nn.Embedding):
+        n, d = layer.num_embeddings, layer.embedding_dim
+        return (n, d), f"{n} embeddings of size {d}"
+    if hasattr(layer, "in_features"):
+        n, d = layer.in_features, layer.out_features
+        return (n, d), f"{n} inputs and {d} outputs"
+    return None
+
+
 def check_adapter_fits(model: nn.Module, adapter_dir: PathLike) -> None:
-    """Raise :class:`UserError` unless every LoRA tensor of the adapter matches a layer of ``model``."""
+    """Raise :class:`UserError` unless every tensor of the adapter fits ``model``: each LoRA tensor the
+    sizes of its layer, each full copy of a model tensor (``modules_to_save``, embeddings saved with
+    their LoRA) that tensor's shape; PEFT would stop with a size-mismatch traceback."""
     adapter_dir = check_input_dir(adapter_dir, "adapter directory", must_contain="adapter_config.json")
     modules = dict(model.named_modules())
     shapes = _adapter_tensors(adapter_dir)
     if not shapes:
         raise UserError(f"adapter {adapter_dir} holds no tensors")
+    misfit = f"adapter {adapter_dir} does not fit this model"
     for key, shape in shapes.items():
         name = key.removeprefix("base_model.model.")
-        for part in (".lora_A.", ".lora_B."):
-            if part in name:
-                module_name, kind = name.split(part)[0], part.strip(".")
-                break
-        else:
-            continue  # other saved tensors (e.g. modules_to_save) are PEFT's business
+        lora = next((end for end in _LORA_DIMS if name.endswith(f".{end}")), None)
+        if lora is None:
+            _check_full_tensor(modules, name, shape, f"{misfit}: {key} has shape {list(shape)}")
+            continue
+        module_name = name[: -len(lora) - 1]
         module = modules.get(module_name)
-        if module is None or not hasattr(module, "in_features"):
-            raise UserError(f"adapter {adapter_dir} does not fit this model: it has no layer {module_name}")
-        expect = module.in_features if kind == "lora_A" else module.out_features
-        got = shape[1] if kind == "lora_A" else shape[0]
-        if len(shape) != 2 or got != expect:
-            raise UserError(
-                f"adapter {adapter_dir} does not fit this model: {key} has shape {list(shape)}, but layer "
-                f"{module_name} has {module.in_features} inputs and {module.out_features} outputs"
-            )
+        sizes = None if module is None else _sizes(_unwrapped(module))
+        if sizes is None:
+            raise UserError(f"{misfit}: it has no layer {module_name}")
+        ndim, dim, which = _LORA_DIMS[lora]
+        if len(shape) != ndim or shape[dim] != sizes[0][which]:
+            raise UserError(f"{misfit}: {key} has shape {list(shape)}, but layer {module_name} has {sizes[1]}")
+
+
+def _check_full_tensor(modules: dict, name: str, shape: tuple[int, ...], found: str) -> None:
+    """A saved copy of a model tensor (``lm_head.weight``, ``embed_tokens.base_layer.weight``) must keep its shape."""
+    module_name, _, attr = name.rpartition(".")
+    module_name = module_name.removesuffix(".base_layer")  # the model's own layer, wrapped or not
+    module = modules.get(module_name)
+    tensor = None if module is None else getattr(_unwrapped(module), attr, None)
+    if isinstance(tensor, Tensor) and tuple(tensor.shape) != tuple(shape):
+        raise UserError(f"{found}, but {module_name}.{attr} has shape {list(tensor.shape)}")
 
 
 def load_adapter(model: nn.Module, adapter_dir: PathLike, *, trainable: bool = False):

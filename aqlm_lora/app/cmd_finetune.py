@@ -34,7 +34,7 @@ from .checkpoint import (
 from .data import check_vocab
 from .distributed import Dist, check_batch, setup, wrap_ddp
 from .errors import PROG, UserError, one_line
-from .files import check_input_dir, check_input_file, check_output_dir, staged_dir
+from .files import check_input_dir, check_input_file, check_output_apart, check_output_dir, staged_dir
 from .inputs import model_inputs
 from .models import DTYPES, aqlm_layer_names, check_seq, load_causal_lm, load_model_config
 from .progress import LossLines, ProgressLog
@@ -94,6 +94,7 @@ def _together(where: Dist, action: Callable[[], T]) -> T:
 
 def _check_finetune_dirs(args, out_dir: Path, checkpoint_dir: Path) -> Optional[Path]:
     """Check --out, --checkpoint-dir and --resume before anything is loaded; returns the folder to resume from."""
+    check_output_apart(out_dir, "--out", {"MODEL_DIR": args.model_dir, "--teacher": args.teacher})
     if checkpoint_dir.resolve() == out_dir.resolve():
         raise UserError("--checkpoint-dir must differ from --out (checkpoints are kept apart from the adapter)")
     resume_dir, from_checkpoint = None, False

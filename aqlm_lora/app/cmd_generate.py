@@ -23,7 +23,7 @@ BASE = "__base__"
 
 
 def add_parser(sub) -> None:
-    from .cli import _int_in
+    from .cli import _SEED, _float_in, _int_in
     from .models import DTYPE_CHOICES
 
     p = sub.add_parser(
@@ -46,13 +46,22 @@ def add_parser(sub) -> None:
         help='JSONL, one {"prompt": ..., "adapter": NAME or null} object a line',
     )
     p.add_argument("--out", metavar="FILE", help="write the completions here (JSONL) instead of stdout")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--max-new-tokens", type=_int_in(1), default=64, help="tokens to generate per prompt (default 64)")
     p.add_argument("--batch", type=_int_in(1), default=8, help="prompts per generate() call (default 8)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    # Checked when parsed (exit code 2), as every command's numbers: transformers raises deep in generate().
+    p.add_argument(
+        "--temperature", type=_float_in(0, low_open=True), default=1.0, help="sampling temperature, > 0 (default 1.0)"
+    )
+    p.add_argument("--top-k", type=_int_in(0), default=0, help="sample from the k most likely tokens (default 0: all)")
+    p.add_argument(
+        "--top-p",
+        type=_float_in(0, 1, low_open=True),
+        default=1.0,
+        help="nucleus sampling mass, in (0, 1] (default 1.0: all)",
+    )
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the sampling (default 0)")
     p.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype the model is loaded in (default float32)"
     )
@@ -74,23 +83,22 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 
 
 def read_prompts(path: Path, adapters: dict[str, Path]) -> list[dict[str, Any]]:
+    from .data import jsonl_lines  # UTF-8 (else one line naming the file), lines as JSONL defines them
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not a JSON object: {exc.msg}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise UserError(f'{where}: expected {{"prompt": "...", "adapter": NAME or null}}')
-            adapter = record.get("adapter")
-            if adapter is not None and (not isinstance(adapter, str) or adapter not in adapters):
-                known = ", ".join(sorted(adapters)) or "none given"
-                raise UserError(f"{where}: adapter {adapter!r} is not one of the --adapter names ({known})")
-            records.append({"prompt": record["prompt"], "adapter": adapter})
+    for line_no, line in jsonl_lines(path):
+        where = f"{path}:{line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: not a JSON object: {exc.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f'{where}: expected {{"prompt": "...", "adapter": NAME or null}}')
+        adapter = record.get("adapter")
+        if adapter is not None and (not isinstance(adapter, str) or adapter not in adapters):
+            known = ", ".join(sorted(adapters)) or "none given"
+            raise UserError(f"{where}: adapter {adapter!r} is not one of the --adapter names ({known})")
+        records.append({"prompt": record["prompt"], "adapter": adapter})
     if not records:
         raise UserError(f"{path} holds no prompts")
     return records
@@ -178,17 +186,25 @@ def generate_batch(model, tokenizer, records, args, pad_id: int, clock: _StepClo
     return results
 
 
+def _open_out(path: Path):
+    try:
+        return open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in run's finally
+    except OSError as exc:
+        raise UserError(f"cannot write output file {path}: {exc.strerror or exc}") from None
+
+
 def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
     from ..lora.fused_base import use_fused_kernels
     from .data import load_tokenizer
-    from .files import check_input_dir, check_input_file
+    from .files import check_input_dir, check_input_file, check_output_file
     from .models import DTYPES, load_causal_lm
 
     model_dir = check_input_dir(args.model_dir, "model directory", must_contain="config.json")
     prompts_path = check_input_file(args.prompts, "prompts file")
+    out_path = check_output_file(args.out, args.overwrite) if args.out else None  # before the model loads
     adapters = parse_adapters(args.adapter)
     records = read_prompts(prompts_path, adapters)
     tokenizer = load_tokenizer(model_dir)
@@ -200,7 +216,7 @@ def run(args) -> int:
     pad_id = config.pad_token_id if config.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     torch.manual_seed(args.seed)
 
-    out_file = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115
+    out_file = _open_out(out_path) if out_path is not None else None
     sink = out_file if out_file is not None else sys.stdout
     bar = tqdm(total=len(records), desc="generate", unit="prompt", disable=True if args.no_progress else None)
     prompt_tokens = decode_tokens = 0

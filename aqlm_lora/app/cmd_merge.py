@@ -90,15 +90,14 @@ def run(args) -> int:
     from ..lora.requantize import merge_and_quantize
     from .adapters import load_adapter
     from .errors import UserError
-    from .files import check_input_dir, check_output_dir, staged_dir
+    from .files import check_input_dir, check_output_apart, check_output_dir, staged_dir
     from .models import DTYPES, aqlm_layer_names, config_dtype, load_causal_lm, load_model_config
     from .tokenizer_files import copy_tokenizer_files
 
     model_dir = check_input_dir(args.model_dir, "model directory", must_contain="config.json")
     adapter_dir = check_input_dir(args.adapter, "adapter directory", must_contain="adapter_config.json")
     out_dir = check_output_dir(args.out, args.overwrite)
-    if out_dir.resolve() in (model_dir.resolve(), adapter_dir.resolve()):
-        raise UserError("--out must differ from MODEL_DIR and the adapter directory")
+    check_output_apart(out_dir, "--out", {"MODEL_DIR": model_dir, "the adapter directory": adapter_dir})
     if args.calibration is not None and args.mode != "requantize":
         raise UserError("--calibration tunes a re-quantized model: it needs --requantize")
     calibration = _calibration_windows(args, model_dir) if args.calibration is not None else None
@@ -109,7 +108,10 @@ def run(args) -> int:
         raise UserError(f"{model_dir} has no AQLM layers; merge adapters of dense models with PEFT's merge_and_unload")
     size_before = tensor_bytes(model)
     use_fused_kernels(model)
-    peft_model = load_adapter(model, adapter_dir)
+    with warnings.catch_warnings():
+        # PEFT's two-line warning about a LoRA bias on a bias-less layer: _refuse_unholdable_bias says it in one.
+        warnings.filterwarnings("ignore", message=".*lora_bias=True.* has no bias")
+        peft_model = load_adapter(model, adapter_dir)
     inner = peft_model.base_model.model
     layers = {n: m for n, m in inner.named_modules() if isinstance(m, AqlmLoraLinear)}
     if not layers:

@@ -9,7 +9,7 @@ import torch
 from ..quantize import mean_errors, parse_scheme, quantize_model
 from .data import has_tokenizer
 from .errors import UserError
-from .files import check_input_dir, check_output_dir, staged_dir
+from .files import check_input_dir, check_output_apart, check_output_dir, staged_dir
 from .models import DTYPES, aqlm_layer_names, config_dtype, load_causal_lm, load_model_config
 from .tokenizer_files import copy_tokenizer_files
 
@@ -21,8 +21,7 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     model_dir = check_input_dir(args.model_dir, "model directory", must_contain="config.json")
     out_dir = check_output_dir(args.out_dir, args.overwrite)
-    if out_dir.resolve() == model_dir.resolve():
-        raise UserError("OUT_DIR must differ from MODEL_DIR")
+    check_output_apart(out_dir, "OUT_DIR", {"MODEL_DIR": model_dir})
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     # Quantize in float32 whatever the checkpoint holds; save in the dtype asked for, else the checkpoint's.
     dtype = DTYPES[args.dtype] if args.dtype else config_dtype(load_model_config(model_dir)) or torch.float32

@@ -25,7 +25,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Union
+from typing import Iterator, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -193,11 +193,22 @@ def read_jsonl(path: PathLike) -> list[Example]:
     return _read_jsonl_plain(path)  # also the way to name the line of a bad record
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 JSONL file, blank lines skipped.
+
+    Lines end at a line feed only (a carriage return before it dropped), as JSONL defines them:
+    ``str.splitlines()`` also splits at U+2028, U+0085, ..., which ``json.dumps(ensure_ascii=False)``
+    leaves raw inside strings.
+    """
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield number, line
+
+
 def _read_jsonl_plain(path: Path) -> list[Example]:
     examples = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in jsonl_lines(path):
         try:
             record = json.loads(line)
         except ValueError as exc:

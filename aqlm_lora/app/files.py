@@ -77,6 +77,28 @@ def check_output_dir(path: PathLike, overwrite: bool, what: str = "output direct
     return path
 
 
+def check_output_file(path: PathLike, overwrite: bool, what: str = "output file") -> Path:
+    """Refuse a directory, a path in a missing folder, or an existing file unless ``overwrite``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory")
+    if not path.parent.is_dir():
+        problem = "is not a directory" if path.parent.exists() else "does not exist"
+        raise UserError(f"{what} {path}: its folder {path.parent} {problem}")
+    if path.exists() and not overwrite:
+        raise UserError(f"{what} {path} exists (pass --overwrite to replace it)")
+    return path
+
+
+def check_output_apart(out_dir: PathLike, flag: str, inputs: dict[str, Optional[PathLike]]) -> None:
+    """Refuse an output folder that is one of the input folders ``{what: path}`` (None: not given):
+    writing it (with ``--overwrite``) would destroy that input."""
+    out = Path(out_dir).resolve()
+    for what, path in inputs.items():
+        if path is not None and Path(path).resolve() == out:
+            raise UserError(f"{flag} must differ from {what}")
+
+
 @contextmanager
 def staged_dir(path: PathLike) -> Iterator[Path]:
     """Write into a temporary sibling of ``path``; on success it replaces ``path`` in one rename.

@@ -13,12 +13,14 @@ from aqlm_lora.app.text import TOKENIZER_FILE
 from tests.support.cli import (
     TRAIN,
     assert_user_error,
+    bpe_model_dir,
     byte_model_dir,
     copy_dir,
     edit_json,
     run,
     tree,
     truncate,
+    words_text,
 )
 
 
@@ -215,3 +217,39 @@ def test_error_bad_tokenizer_file(workspace, capsys, tmp_path, content):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     code, _, err = run(["eval", model_dir, "--data", workspace["data"]], capsys)
     assert_user_error(code, err, str(path))
+
+
+@pytest.fixture(scope="module")
+def other_vocab(workspace):
+    """The workspace's layer sizes with a BPE vocabulary (not the byte tokenizer's 259 tokens), quantized to AQLM."""
+    root = workspace["root"]
+    bpe_model_dir(root / "bpe_dense", words_text())
+    argv = ["quantize", root / "bpe_dense", root / "bpe_aqlm", "--rounds", "0", "--kmeans-iters", "1", "--no-progress"]
+    assert cli.main([str(a) for a in argv]) == 0
+    return root / "bpe_aqlm"
+
+
+@pytest.mark.parametrize("kind", ["modules_to_save", "embedding"])
+def test_error_adapter_of_another_vocabulary(workspace, other_vocab, capsys, tmp_path, kind):
+    """Tensors sized by the vocabulary (a saved lm_head copy, LoRA on the embeddings) are checked too, not
+    left to PEFT's size-mismatch traceback."""
+    from peft import LoraConfig, get_peft_model
+
+    import aqlm_lora
+    from aqlm_lora.app.models import load_causal_lm
+
+    extra = {"modules_to_save": ["lm_head"]} if kind == "modules_to_save" else {}
+    targets = ["q_proj"] if kind == "modules_to_save" else ["q_proj", "embed_tokens"]
+    config = aqlm_lora.register(LoraConfig(r=4, lora_alpha=8, target_modules=targets, **extra))
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_causal_lm(workspace["aqlm"]), config).save_pretrained(adapter, save_embedding_layers=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def", "adapter": "a"}\n')
+    for argv in (
+        ["eval", other_vocab, "--adapter", adapter, "--data", workspace["data"], "--seq", "16", "--no-progress"],
+        ["merge", other_vocab, "--adapter", adapter, "--out", tmp_path / "merged"],
+        ["generate", other_vocab, "--adapter", f"a={adapter}", "--prompts", prompts, "--no-progress"],
+    ):
+        code, _, err = run(argv, capsys)
+        assert_user_error(code, err, "does not fit this model", "lm_head" if kind == "modules_to_save" else "embed")
+    assert not (tmp_path / "merged").exists()

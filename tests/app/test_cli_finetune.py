@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from aqlm_lora.app import cli, cmd_finetune
 from aqlm_lora.app.demo import DemoConfig, build_model
 from aqlm_lora.app.text import ByteTokenizer
-from tests.support.cli import TINY, TRAIN, assert_user_error, byte_model_dir, run, tree
+from tests.support.cli import TINY, TRAIN, assert_user_error, byte_model_dir, copy_dir, run, tree
 
 
 def test_finetune_then_eval(workspace, capsys, tmp_path):
@@ -180,3 +180,16 @@ def test_error_adapter_made_non_finite_by_the_last_step(workspace, capsys, tmp_p
     code, _, err = run(["finetune", workspace["aqlm"], "--data", workspace["data"], "--out", out, *TRAIN], capsys)
     assert_user_error(code, err, "diverged", "after step 2", "nothing was saved")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("onto", ["model", "teacher"])
+def test_error_out_onto_the_model_or_teacher(workspace, capsys, tmp_path, onto):
+    """--out MODEL_DIR (or the --teacher's folder) --overwrite used to replace that model with the adapter."""
+    model = copy_dir(workspace["aqlm"], tmp_path / "model")
+    teacher = copy_dir(workspace["dense"], tmp_path / "teacher")
+    out = {"model": model, "teacher": teacher}[onto]
+    before = tree(out)
+    argv = ["finetune", model, "--teacher", teacher, "--data", workspace["data"], "--out", out, "--overwrite", *TRAIN]
+    code, _, err = run(argv, capsys)
+    assert_user_error(code, err, "--out must differ from", {"model": "MODEL_DIR", "teacher": "--teacher"}[onto])
+    assert tree(out) == before

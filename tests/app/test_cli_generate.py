@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aqlm_lora.app import cli
+from tests.support.cli import assert_user_error, run
 
 PROMPTS = [
     ("def value(self):", "a"),
@@ -126,3 +127,42 @@ def test_mistakes_are_one_line_errors(workspace, adapters, tmp_path, capsys, lin
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("aqlm-lora: error:") and re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--temperature", "0"),
+        ("--temperature", "-1"),
+        ("--temperature", "nan"),
+        ("--top-k", "-3"),
+        ("--top-p", "2"),
+        ("--top-p", "0"),
+        ("--seed", str(2**70)),
+    ],
+)
+def test_error_bad_sampling_number(capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "M", "--prompts", "P", "--do-sample", flag, value])
+    assert info.value.code == 2
+    assert_user_error(2, capsys.readouterr().err, f"argument {flag}:", value)
+
+
+def test_error_bad_out_and_prompts_files(workspace, tmp_path, capsys):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl", [("def", None)])
+    base = ["generate", workspace["aqlm"], "--prompts", prompts, "--max-new-tokens", "2", "--no-progress"]
+    code, _, err = run([*base, "--out", tmp_path / "missing" / "out.jsonl"], capsys)
+    assert_user_error(code, err, "missing", "does not exist")
+    code, _, err = run([*base, "--out", tmp_path], capsys)
+    assert_user_error(code, err, str(tmp_path), "is a directory")
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("keep me\n")
+    code, _, err = run([*base, "--out", kept], capsys)
+    assert_user_error(code, err, str(kept), "exists", "--overwrite")
+    assert kept.read_text() == "keep me\n"
+    assert run([*base, "--out", kept, "--overwrite"], capsys)[0] == 0
+    assert json.loads(kept.read_text())["prompt"] == "def"
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "x"}\n{"prompt": "caf\xe9"}\n')
+    code, _, err = run(["generate", workspace["aqlm"], "--prompts", latin1], capsys)
+    assert_user_error(code, err, f"{latin1}:2", "not UTF-8")

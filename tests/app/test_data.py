@@ -116,6 +116,19 @@ def test_bad_jsonl_line_is_named(tmp_path, line, message):
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
+def test_jsonl_lines_end_at_line_feeds_only(tmp_path):
+    """Raw U+2028/U+2029/U+0085 in a string (json.dumps(ensure_ascii=False)) are not line ends; CRLF is one."""
+    texts = ["a\u2028b", "c\u2029d", "e\u0085f", "g\x1ch\x0bi\x0cj"]
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8"))
+    assert [e.text for e in data.read_jsonl(path)] == texts
+    # Line numbers in errors still count line feeds only.
+    path.write_text(lines[0] + "\n\n" + "{bad" + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"d.jsonl:3: not JSON"):
+        data.read_jsonl(path)
+
+
 def test_empty_jsonl(tmp_path):
     with pytest.raises(UserError, match="holds no JSONL records"):
         data.read_jsonl(_jsonl(tmp_path / "d.jsonl", "", "  "))
