@@ -187,7 +187,8 @@ def _lora_mixed_forward_fake(
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd, made of the ops above. Codebooks, scales and codes are frozen: no gradient flows to them.
+# Autograd, made of the ops above. Codebooks, scales and codes are frozen: a call that would need
+# their gradient is refused (refuse_weight_grad).
 
 
 def _sum_rows(grad: Tensor, scale: float = 1.0) -> Tensor:

@@ -61,7 +61,7 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .fused_base import use_fused_kernels
+from .fused_base import restore_checkpoint_layout, use_fused_kernels
 from .layer import AqlmLoraLinear
 from .merge import merging, update_quantization_config
 
@@ -208,8 +208,10 @@ def _install_unload_hook() -> None:
     """Wrap ``LoraModel._unload_and_optionally_merge`` (``merge_and_unload``) once per process.
 
     For a model holding our layers, a merge warns once with the model's growth instead of once per
-    layer (:func:`aqlm_lora.lora.merge.merging`) and the AQLM quantization config afterwards lists
-    the layers that became dense; any other model goes to PEFT untouched.
+    layer (:func:`aqlm_lora.lora.merge.merging`), the AQLM quantization config afterwards lists
+    the layers that became dense, and codes aqlm's own CPU forward permuted are put back in the
+    checkpoint layout (:func:`~aqlm_lora.lora.fused_base.restore_checkpoint_layout`); any other
+    model goes to PEFT untouched.
     """
     original = LoraModel._unload_and_optionally_merge
     if getattr(original, "_aqlm_lora_hook", False):
@@ -222,6 +224,7 @@ def _install_unload_hook() -> None:
         with merging(self.model):
             model = original(self, merge, *args, **kwargs)
         update_quantization_config(model)
+        restore_checkpoint_layout(model)
         return model
 
     unload._aqlm_lora_hook = True

@@ -231,7 +231,7 @@ def test_model_without_aqlm_left_drops_the_quantization_config():
     assert getattr(merged.config, "quantization_config", None) is None
 
 
-@pytest.mark.parametrize("path", ["merge_and_unload", "merge_and_quantize"])
+@pytest.mark.parametrize("path", ["merge_and_unload", "peft_merge_and_unload", "merge_and_quantize"])
 def test_codes_aqlm_permuted_are_saved_in_the_checkpoint_layout(path):
     """aqlm's own first CPU forward permutes 8-bit codes in place; the AQLM layers a merge leaves are
     saved next, and permuted codes would not load (or, for a square grid of groups, load wrong)."""
@@ -247,7 +247,11 @@ def test_codes_aqlm_permuted_are_saved_in_the_checkpoint_layout(path):
     peft_model = get_peft_model(model, aqlm_lora.register(config))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merge = merge_and_unload if path == "merge_and_unload" else functools.partial(merge_and_quantize, rounds=1)
+        merge = {
+            "merge_and_unload": merge_and_unload,
+            "peft_merge_and_unload": lambda model: model.merge_and_unload(),
+            "merge_and_quantize": functools.partial(merge_and_quantize, rounds=1),
+        }[path]
         merged = merge(peft_model)
     left = {n: m for n, m in merged.named_modules() if isinstance(m, aqlm.QuantizedLinear) and "q_proj" not in n}
     assert left and all(torch.equal(m.codes, original[n]) and m.gemv_op is None for n, m in left.items())
