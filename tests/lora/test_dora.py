@@ -25,6 +25,7 @@ from tests.support.layers import (
     dense_weight,
     make_quantized_linear,
     mixed_rows_oracle,
+    mixed_rows_output,
     run_with_grads,
 )
 from tests.support.tolerances import assert_close_fp32, assert_low_precision_ok, assert_outputs_and_grads_ok
@@ -99,15 +100,7 @@ def test_matches_peft_dora(scheme, dtype, mode):
 def _twin_output(ours: AqlmLoraLinear, x: Tensor, dtype: torch.dtype, mode: str) -> Tensor:
     twin = dense_peft_twin(ours, dtype)
     x = x.to(dtype)
-    if mode != "mixed":
-        return twin(x)
-    outs = []
-    for i, name in enumerate(MIXED_NAMES):
-        twin.enable_adapters(name != "__base__")
-        if name != "__base__":
-            twin.set_adapter(name)
-        outs.append(twin(x[i : i + 1]))
-    return torch.cat(outs)
+    return mixed_rows_output(twin, x, MIXED_NAMES) if mode == "mixed" else twin(x)
 
 
 @pytest.mark.parametrize("mode", ["single", "multi", "mixed"])

@@ -18,6 +18,7 @@ from tests.support.layers import (
     dense_peft_twin,
     lora_config,
     make_quantized_linear,
+    mixed_rows_output,
     peft_model_pair,
     random_adapter_state,
 )
@@ -74,16 +75,6 @@ def test_hotswap_wrapper_is_installed_once_and_keeps_the_signature():
     assert inspect.signature(wrapper) == inspect.signature(wrapper.__wrapped__)
 
 
-def _rows_oracle(twin: nn.Module, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-    rows = []
-    for i, name in enumerate(names):
-        twin.enable_adapters(name != "__base__")
-        if name != "__base__":
-            twin.set_adapter(name)
-        rows.append(twin(x[i : i + 1]))
-    return torch.cat(rows)
-
-
 @pytest.mark.parametrize("case", ["mixed", "dora"])
 def test_a_new_parameter_in_place_of_the_old_one_is_seen(case):
     """A new tensor object at the old one's address with the old one's version (what the allocator
@@ -104,7 +95,7 @@ def test_a_new_parameter_in_place_of_the_old_one_is_seen(case):
         ours.lora_B["p"].weight = nn.Parameter(torch.from_numpy(memory), requires_grad=False)
         out = ours(x, adapter_names=names)
         twin = dense_peft_twin(ours)
-        want = _rows_oracle(twin, x, names) if case == "mixed" else twin(x)
+        want = mixed_rows_output(twin, x, names) if case == "mixed" else twin(x)
     assert_exact(out, want)
 
 
@@ -120,4 +111,4 @@ def test_clear_caches_after_writes_through_data():
         ours.clear_caches()
         twin = dense_peft_twin(ours)
         assert_exact(ours(x), twin(x), what="DoRA")
-        assert_exact(ours(x, adapter_names=MIXED), _rows_oracle(twin, x, MIXED), what="mixed")
+        assert_exact(ours(x, adapter_names=MIXED), mixed_rows_output(twin, x, MIXED), what="mixed")

@@ -202,6 +202,18 @@ def run_with_grads(layer: nn.Module, x: Tensor, grad_out: Optional[Tensor] = Non
     return out.detach(), grads
 
 
+def mixed_rows_output(twin: nn.Module, x: Tensor, names: list[str]) -> Tensor:
+    """A mixed batch's output one row at a time: row ``i`` through ``twin`` with adapter ``names[i]``
+    alone (``"__base__"``: adapters disabled)."""
+    rows = []
+    for i, name in enumerate(names):
+        twin.enable_adapters(name != "__base__")
+        if name != "__base__":
+            twin.set_adapter(name)
+        rows.append(twin(x[i : i + 1]))
+    return torch.cat(rows)
+
+
 def mixed_rows_oracle(twin: nn.Module, x: Tensor, grad_out: Tensor, names: list[str]):
     """A mixed batch one row at a time: row ``i`` through ``twin`` with adapter ``names[i]`` alone
     (``"__base__"``: adapters disabled); returns (out, {name: grad}) like :func:`run_with_grads`."""
