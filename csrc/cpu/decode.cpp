@@ -167,13 +167,9 @@ bool rows_decodable(const at::Tensor& x) {
 }
 
 bool scales_finite(const at::Tensor& scales) {
-  const at::Tensor s = scales.contiguous();
-  bool finite = true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "scales_finite", [&] {
-    const scalar_t* v = s.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < s.numel() && finite; ++k) finite = std::isfinite(static_cast<double>(v[k]));
-  });
-  return finite;
+  const at::Tensor s = scales.to(at::kDouble).contiguous();  // O values; widening keeps Inf/NaN
+  const double* v = s.data_ptr<double>();
+  return std::all_of(v, v + s.numel(), [](double e) { return std::isfinite(e); });
 }
 
 bool avx2_codebooks(at::ScalarType t, simd::CodebookType* type) {
