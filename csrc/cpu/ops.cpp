@@ -7,15 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <exception>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "common/checks.h"
 #include "common/multi_lora_checks.h"
+#include "cpu/blas_blocks.h"
 #include "cpu/kernels.h"
 #include "cpu/scratch.h"
 
@@ -94,41 +90,6 @@ at::ScalarType gemm_dtype(at::ScalarType input, at::ScalarType acc) {
   if (native_bf16 && input == at::kBFloat16) return at::kBFloat16;
 #endif
   return acc;
-}
-
-// BLAS libraries choose their algorithm, and so their rounding, by their thread count: MKL
-// rounds the same product differently with 1 and 2 threads, even a 5x64x16 one. Inside an OpenMP
-// parallel region they run on one thread, so every GEMM of the blocked path runs in one: the
-// region at::parallel_for opens, or, where it would run the items inline on the calling thread
-// (one item, or too little work), a region of two threads whose second one idles. Without this,
-// the bits of a small layer would depend on torch.set_num_threads.
-template <typename F>
-void parallel_for_single_threaded_blas(int64_t items, int64_t grain, const F& f) {
-  if (items <= 0) return;
-#ifdef _OPENMP
-  const bool inline_run = items <= grain || items == 1;
-  if (inline_run && at::get_num_threads() > 1 && !omp_in_parallel()) {
-    std::exception_ptr error;
-#pragma omp parallel num_threads(2)
-    if (omp_get_thread_num() == 0) {  // the calling thread: its dispatch state is the caller's
-      try {
-        f(0, items);
-      } catch (...) {
-        error = std::current_exception();
-      }
-    }
-    if (error) std::rethrow_exception(error);
-    return;
-  }
-#endif
-  at::parallel_for(0, items, grain, f);
-}
-
-// Groups of W per GEMM block: `per_block` (at least 1), but a weight that fits one block gets two,
-// so both threads of a small layer have one.
-inline int64_t groups_per_gemm_block(int64_t groups, int64_t per_block) {
-  per_block = std::max<int64_t>(1, per_block);
-  return per_block >= groups && groups > 1 ? (groups + 1) / 2 : per_block;
 }
 
 // out [N, out] = x [N, in] @ W^T, contiguous; x and out in acc_t, or both in bfloat16 (gemm_dtype).
