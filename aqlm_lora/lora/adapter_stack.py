@@ -58,6 +58,11 @@ class AdapterStack:
     def clear(self) -> None:
         self._key = self._stacked = self._indices = None
 
+    def __reduce__(self) -> tuple:
+        # A copy (pickle, torch.save, deepcopy) starts empty: its keys name the original's tensor
+        # objects through weak references, which neither pickle nor match the copy's tensors.
+        return (type(self), ())
+
     def _adapter_tensors(self, layer, name: str) -> list[Optional[Tensor]]:
         magnitude = layer.lora_magnitude_vector[name].weight if name in layer.lora_magnitude_vector else None
         lora_B = layer.lora_B[name]

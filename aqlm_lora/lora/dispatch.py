@@ -192,7 +192,9 @@ def _install_injection_hook() -> None:
                 return original(self, model, adapter_name, *args, **kwargs)
             targets = config.target_modules
             if isinstance(targets, str) and targets.lower() == "all-linear":
-                config.target_modules = _expand_all_linear(model)
+                # A set, as PEFT's own expansion and LoraConfig make it (add_weighted_adapter
+                # refuses a list and mixed types).
+                config.target_modules = set(_expand_all_linear(model))
             result = original(self, model, adapter_name, *args, **kwargs)
             if getattr(config, _FUSED_BASE_ATTR, True):
                 use_fused_kernels(model)

@@ -145,7 +145,13 @@ class DoraNorms:
         cache: bool,
     ) -> Tensor:
         """``||W + scaling * B@A||`` per row for adapter ``name``; ``weight``: ``(codes, codebooks, scales)``."""
-        key = (tuple(tensor_key(t) for t in (*weight, lora_A, lora_B)), float(scaling))
+        # Norms made under inference_mode are inference tensors: a later forward with grad may not
+        # save them for backward (magnitude / norms), so they never serve outside that mode.
+        key = (
+            tuple(tensor_key(t) for t in (*weight, lora_A, lora_B)),
+            float(scaling),
+            torch.is_inference_mode_enabled(),
+        )
         hit = self._adapters.get(name)
         if cache and hit is not None and hit[0] == key:
             return hit[1]
@@ -162,6 +168,10 @@ class DoraNorms:
     def clear(self) -> None:
         self._weight = None
         self._adapters.clear()
+
+    def __reduce__(self) -> tuple:
+        # A copy (pickle, torch.save, deepcopy) starts empty, as AdapterStack's does.
+        return (type(self), ())
 
 
 class DoraMagnitude(nn.Module):
@@ -193,12 +203,18 @@ class AqlmDoraVariant(LoraVariant):
     def init(module: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         base = module.quantized_base()
         lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
-        with torch.no_grad():
-            norms = module.dora_norms.row_norms(
-                adapter_name, module.quantized_weight(), lora_A, lora_B, module.scaling[adapter_name], cache=False
-            )
         dtype = torch.promote_types(base.codebooks.dtype, lora_A.dtype)
-        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(norms.to(dtype))
+        if lora_A.is_meta or lora_B.is_meta:
+            # low_cpu_mem_usage=True: the adapter is made on meta and its state dict, magnitude
+            # included, is assigned afterwards; there is nothing to compute norms from yet.
+            magnitude = torch.empty(module.out_features, dtype=dtype, device="meta")
+        else:
+            with torch.no_grad():
+                norms = module.dora_norms.row_norms(
+                    adapter_name, module.quantized_weight(), lora_A, lora_B, module.scaling[adapter_name], cache=False
+                )
+            magnitude = norms.to(dtype)
+        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     @staticmethod
     def _unused(*args: Any, **kwargs: Any) -> None:

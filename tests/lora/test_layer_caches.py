@@ -112,3 +112,55 @@ def test_clear_caches_after_writes_through_data():
         twin = dense_peft_twin(ours)
         assert_exact(ours(x), twin(x), what="DoRA")
         assert_exact(ours(x, adapter_names=MIXED), mixed_rows_output(twin, x, MIXED), what="mixed")
+
+
+def cached_layer() -> AqlmLoraLinear:
+    """A float64 layer with a DoRA adapter "p" and a plain one "q", in eval mode."""
+    ours = AqlmLoraLinear(make_quantized_linear(SCHEMES[1]), "p", r=4, config=lora_config(use_dora=True))
+    ours.update_layer("q", 4, lora_alpha=8, config=lora_config())
+    ours.double().eval()
+    with torch.no_grad():
+        for name in ("p", "q"):
+            ours.lora_B[name].weight.normal_()
+    return ours
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_layer_with_filled_caches_can_be_saved_and_copied(how, tmp_path):
+    """The caches' keys hold weak references, which pickle refused (a DoRA model could not be
+    torch.save'd at all): a copy starts with empty caches and gives the same outputs."""
+    ours = cached_layer()
+    x = torch.randn(3, IN_FEATURES, dtype=torch.float64)
+    with torch.no_grad():
+        want = ours(x), ours(x, adapter_names=MIXED)  # fills the DoRA norms and the mixed stacks
+    if how == "torch.save":
+        torch.save(ours, tmp_path / "layer.pt")
+        copy = torch.load(tmp_path / "layer.pt", weights_only=False)
+    else:
+        import copy as copy_module
+
+        copy = copy_module.deepcopy(ours)
+    with torch.no_grad():
+        assert torch.equal(copy(x), want[0]) and torch.equal(copy(x, adapter_names=MIXED), want[1])
+        copy.lora_B["p"].weight.mul_(2)  # the copy's caches follow its own tensors
+        copy.lora_B["q"].weight.mul_(2)
+        twin = dense_peft_twin(copy)
+        assert_exact(copy(x), twin(x), what="copy, DoRA")
+        assert_exact(copy(x, adapter_names=MIXED), mixed_rows_output(twin, x, MIXED), what="copy, mixed")
+
+
+def test_norms_cached_under_inference_mode_do_not_break_a_later_backward():
+    """A forward under inference_mode cached inference tensors; a later eval forward with grad saved
+    them for backward (RuntimeError: Inference tensors cannot be saved for backward)."""
+    ours, fresh = cached_layer(), cached_layer()
+    fresh.load_state_dict(ours.state_dict())
+    x = torch.randn(3, IN_FEATURES, dtype=torch.float64)
+    with torch.inference_mode():
+        ours(x), ours(x, adapter_names=MIXED)
+    grads = []
+    for layer in (ours, fresh):
+        (layer(x).sum() + layer(x, adapter_names=MIXED).sum()).backward()
+        grads.append({name: p.grad for name, p in layer.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name

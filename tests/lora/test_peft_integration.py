@@ -269,6 +269,32 @@ def test_save_and_load_round_trip(checkpoint, tmp_path):
     assert not lora_layers(plain) and len(lora_layers(plain, PeftAqlmLoraLinear)) == 14
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_low_cpu_mem_usage_loading(checkpoint, tmp_path, use_dora):
+    """PEFT builds the adapters on meta and assigns the saved tensors: DoRA's init must not compute
+    norms from meta weights (it raised 'input must be on cpu ..., got meta')."""
+    _, path, _ = checkpoint
+    inputs = batch(seed=4)
+    config = LoraConfig(r=4, lora_bias=not use_dora, use_dora=use_dora, target_modules=TARGETS)
+    model = get_peft_model(load(path), register(config))
+    _random_adapter(model)
+    model.eval()
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+
+    def saved_config() -> LoraConfig:
+        return register(LoraConfig.from_pretrained(tmp_path / "adapter"))
+
+    loaded = PeftModel.from_pretrained(load(path), tmp_path / "adapter", config=saved_config(), low_cpu_mem_usage=True)
+    assert len(lora_layers(loaded)) == 14
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert_close_fp32(logits(loaded, inputs), expected, what="from_pretrained")
+    loaded.load_adapter(tmp_path / "adapter", adapter_name="second", peft_config=saved_config(), low_cpu_mem_usage=True)
+    loaded.set_adapter("second")
+    assert len(lora_layers(loaded)) == 14 and not any(p.is_meta for p in loaded.parameters())
+    assert_close_fp32(logits(loaded, inputs), expected, what="load_adapter")
+
+
 def test_adapters_move_between_peft_layer_and_ours(checkpoint, tmp_path):
     """An adapter saved with PEFT's own AQLM layer loads into ours with the same outputs, and back."""
     _, path, _ = checkpoint
