@@ -16,7 +16,7 @@ from .text import perplexity
 def run(args) -> int:
     model_dir = check_input_dir(args.model_dir, "model directory", must_contain="config.json")
     data_path = check_input_file(args.data, "data file")
-    tokenizer, data = model_inputs(args, model_dir, data_path, extra_token=False)
+    tokenizer, data = model_inputs(args, model_dir, data_path)
     model = load_causal_lm(model_dir, DTYPES[args.dtype])
     check_vocab(model.get_input_embeddings().num_embeddings, tokenizer, model_dir)
     use_fused_kernels(model)

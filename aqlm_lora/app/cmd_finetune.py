@@ -68,7 +68,7 @@ def _run(args, where: Dist) -> int:
     model_dir, data_path, resume_dir = _together(where, check_paths)
     local_resume = where.share_dir(resume_dir)
     try:
-        tokenizer, data = _together(where, lambda: model_inputs(args, model_dir, data_path, extra_token=True))
+        tokenizer, data = _together(where, lambda: model_inputs(args, model_dir, data_path))
         job = _FinetuneJob(args, model_dir, data_path, out_dir, checkpoint_dir, data, where)
         _together(where, lambda: job.load(tokenizer, local_resume))
     finally:

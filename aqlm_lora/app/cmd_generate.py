@@ -180,9 +180,11 @@ def generate_batch(model, tokenizer, records, args, pad_id: int, clock: _StepClo
     results = []
     for i, p in enumerate(prompts):
         new = out[i, width:].tolist()
+        produced = len(new)  # the EOS counts; the padding after it does not
         if eos is not None and eos in new:
             new = new[: new.index(eos)]
-        results.append((len(p), new))
+            produced = len(new) + 1
+        results.append((len(p), new, produced))
     return results
 
 
@@ -231,10 +233,9 @@ def run(args) -> int:
             first = clock.times[0] if clock.times else t1
             prefill_s += first - t0
             decode_s += t1 - first
-            steps = len(clock.times)
-            prompt_tokens += sum(n for n, _ in results)
-            decode_tokens += max(steps - 1, 0) * len(batch)  # rows decoded per step after the prefill's token
-            for record, (_, new) in zip(batch, results):
+            prompt_tokens += sum(n for n, _, _ in results)
+            decode_tokens += sum(max(produced - 1, 0) for _, _, produced in results)  # after the prefill's token
+            for record, (_, new, _) in zip(batch, results):
                 row = {**record, "completion": _decode(tokenizer, new), "tokens": len(new)}
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             sink.flush()

@@ -156,7 +156,7 @@ def _calibration_windows(args, model_dir):
     from .text import sample_windows
 
     path = check_input_file(args.calibration, "calibration file")
-    tokenizer, data = model_inputs(args, model_dir, path, extra_token=False)
+    tokenizer, data = model_inputs(args, model_dir, path)
     check_vocab(load_model_config(model_dir).vocab_size, tokenizer, model_dir)
     return sample_windows(data.tokens, args.seq, args.windows)
 

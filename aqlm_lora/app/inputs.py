@@ -12,11 +12,10 @@ from .models import check_seq, load_model_config
 DEFAULT_SEQ = 128
 
 
-def model_inputs(args, model_dir: Path, data_path: Path, *, extra_token: bool) -> tuple[Tokenizer, TokenData]:
+def model_inputs(args, model_dir: Path, data_path: Path) -> tuple[Tokenizer, TokenData]:
     """The model's tokenizer and the tokenized data, ``args.seq`` settled against the model's positions.
-
-    ``extra_token``: training windows need one token past the window (the last target).
-    """
+    Training and scoring both read ``args.seq``-token windows (the targets are the window shifted by
+    one inside it), so the data needs at least that many tokens."""
     config = load_model_config(model_dir)
     if args.seq is None:
         limit = getattr(config, "max_position_embeddings", None)
@@ -24,9 +23,8 @@ def model_inputs(args, model_dir: Path, data_path: Path, *, extra_token: bool) -
     check_seq(config, args.seq, model_dir)
     tokenizer = load_tokenizer(model_dir)
     data = read_data(data_path, tokenizer, args.data_format)
-    need = args.seq + 1 if extra_token else args.seq
-    if data.tokens.numel() < need:
-        raise UserError(f"{data_path} has {data.tokens.numel()} tokens; --seq {args.seq} needs at least {need}")
+    if data.tokens.numel() < args.seq:
+        raise UserError(f"{data_path} has {data.tokens.numel()} tokens; --seq {args.seq} needs at least {args.seq}")
     if data.targets == 0:
         raise UserError(f"{data_path} has no completion tokens to learn or score (only prompts)")
     return tokenizer, data

@@ -120,8 +120,8 @@ def train_steps(
     """
     from tqdm.auto import tqdm
 
-    if tokens.numel() < settings.seq + 1:
-        raise UserError(f"the training text has {tokens.numel()} tokens; --seq {settings.seq} needs more")
+    if tokens.numel() < settings.seq:
+        raise UserError(f"the training text has {tokens.numel()} tokens; --seq {settings.seq} needs at least that many")
     where = where if where is not None else Dist()
     shares = Shares(settings.batch, where.world, where.rank, grad_accum)
     model.train()

@@ -193,3 +193,24 @@ def test_error_out_onto_the_model_or_teacher(workspace, capsys, tmp_path, onto):
     code, _, err = run(argv, capsys)
     assert_user_error(code, err, "--out must differ from", {"model": "MODEL_DIR", "teacher": "--teacher"}[onto])
     assert tree(out) == before
+
+
+def test_data_of_exactly_one_window(workspace, capsys, tmp_path):
+    """Training windows are --seq tokens (targets shifted inside them): --seq tokens of data are enough,
+    one fewer is refused (finetune used to ask for one token it never reads)."""
+    from aqlm_lora.app.data import load_tokenizer, read_data
+
+    data = tmp_path / "short.txt"
+    data.write_text("the quick brown fox jumps")
+    count = read_data(data, load_tokenizer(workspace["aqlm"])).tokens.numel()
+    common = ["--data", data, "--steps", "1", "--batch", "2", "--no-progress"]
+    code, out, err = run(["finetune", workspace["aqlm"], "--out", tmp_path / "a", "--seq", str(count), *common], capsys)
+    assert code == 0, err
+    code, out, err = run(
+        ["eval", workspace["aqlm"], "--adapter", tmp_path / "a", "--data", data, "--seq", str(count)], capsys
+    )
+    assert code == 0, err
+    code, _, err = run(
+        ["finetune", workspace["aqlm"], "--out", tmp_path / "b", "--seq", str(count + 1), *common], capsys
+    )
+    assert_user_error(code, err, f"has {count} tokens", f"--seq {count + 1} needs at least {count + 1}")

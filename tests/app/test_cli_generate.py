@@ -166,3 +166,20 @@ def test_error_bad_out_and_prompts_files(workspace, tmp_path, capsys):
     latin1.write_bytes(b'{"prompt": "x"}\n{"prompt": "caf\xe9"}\n')
     code, _, err = run(["generate", workspace["aqlm"], "--prompts", latin1], capsys)
     assert_user_error(code, err, f"{latin1}:2", "not UTF-8")
+
+
+def test_decode_count_leaves_out_rows_that_ended(workspace, tmp_path, capsys, monkeypatch):
+    """The summary counts the tokens rows produced after the prefill's one (an EOS included), not
+    steps x rows: a row that stopped at EOS is only padded by the later steps."""
+    from aqlm_lora.app import cmd_generate
+
+    def fake_batch(model, tokenizer, records, args, pad_id, clock):
+        clock.times.extend([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # 6 steps: the longest row made 6 tokens
+        eos_after = [6, 0, 2, 5, 6]  # tokens before EOS (6: no EOS within --max-new-tokens 6)
+        return [(3, [7] * n, min(n + 1, 6)) for n in eos_after[: len(records)]]
+
+    monkeypatch.setattr(cmd_generate, "generate_batch", fake_batch)
+    prompts = _write_prompts(tmp_path / "prompts.jsonl", [(p, None) for p, _ in PROMPTS])
+    assert _generate(workspace, {}, prompts, tmp_path / "out.jsonl", "--batch", "5") == 0
+    err = capsys.readouterr().err
+    assert "prompt 15 tokens" in err and "decode 17 tokens" in err, err  # 5 + 0 + 2 + 5 + 5 (was 5 x 5)

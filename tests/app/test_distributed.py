@@ -38,6 +38,35 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+# Plain SGD, no clipping, no warmup: the update is lr x the gradient itself, so a lost or doubled
+# factor of the process count shows (AdamW normalizes it away; the CLI's runs use AdamW).
+SGD_STEPS = """
+import sys
+import torch
+from pathlib import Path
+from aqlm_lora.app.adapters import new_adapter
+from aqlm_lora.app.data import load_tokenizer, read_data
+from aqlm_lora.app.distributed import setup, wrap_ddp
+from aqlm_lora.app.models import load_causal_lm
+from aqlm_lora.app.train import TrainSettings, train_steps
+from aqlm_lora.lora.fused_base import use_fused_kernels
+model_dir, data_path, out = map(Path, sys.argv[1:4])
+where = setup("cpu")
+model = load_causal_lm(model_dir, torch.float32)
+use_fused_kernels(model)
+torch.manual_seed(0)
+peft_model = new_adapter(model, 4, 8, 0.0)
+params = [p for p in peft_model.parameters() if p.requires_grad]
+settings = TrainSettings(steps=2, lr=0.5, batch=4, seq=16, max_grad_norm=0)
+data = read_data(data_path, load_tokenizer(model_dir))
+trained = wrap_ddp(peft_model, where) if where.active else peft_model
+train_steps(trained, data.tokens, settings, torch.optim.SGD(params, lr=0.5), progress=False, labels=data.labels, where=where)
+if where.main:
+    torch.save({n: p.detach() for n, p in peft_model.named_parameters() if p.requires_grad}, out)
+where.close()
+"""
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("dist"), "--rounds", "1")
@@ -192,6 +221,41 @@ def test_two_processes_with_dropout_bf16_and_checkpointing_equal_one_with_grad_a
     _assert_same_adapter(one, two)
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     assert json.loads((two / "trainer_state.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_take_one_process_s_sgd_step(ws, tmp_path):
+    """The gradient itself, not only AdamW's normalized step, equals one process's on the whole batch."""
+    script = tmp_path / "sgd.py"
+    script.write_text(SGD_STEPS)
+    argv = [ws["aqlm"], ws["data"]]
+    env = dict(cli_env(), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, str(script), *map(str, argv), str(tmp_path / "one.pt")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = _torchrun([str(script)], [*argv, tmp_path / "two.pt"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys() and one
+    moved = max(float((one[k] - before).abs().max()) for k, before in _initial_adapter(ws).items())
+    assert moved > 1e-2  # the steps moved the adapter a lot, so a factor of 2 in the gradient would show
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _initial_adapter(ws) -> dict:
+    from aqlm_lora.app.adapters import new_adapter
+    from aqlm_lora.app.models import load_causal_lm
+
+    torch.manual_seed(0)
+    peft_model = new_adapter(load_causal_lm(ws["aqlm"], torch.float32), 4, 8, 0.0)
+    return {n: p.detach() for n, p in peft_model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.slow
