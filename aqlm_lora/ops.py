@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import (
     _C,  # noqa: F401  (loading the extension registers the ops)
@@ -25,18 +26,34 @@ from . import (
 )
 
 
+def refuse_forward_ad(op: str, *tensors: Optional[Tensor]) -> None:
+    """Forward-mode AD (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``) through a
+    ``torch.library`` op gets zero or None tangents from torch, silently (no forward rule can be
+    registered for one): refuse it here, where every call of the library passes."""
+    if torch.compiler.is_compiling() or forward_ad._current_level < 0:  # no dual level: the common case
+        return
+    if any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"aqlm_lora.{op}: forward-mode AD (torch.func.jvp/jacfwd, torch.autograd.forward_ad) is not "
+            "supported; torch would drop the tangent silently. Use reverse mode (backward, torch.autograd.grad)."
+        )
+
+
 def dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
     """Dense ``[out, in]`` weight, in the codebooks' dtype."""
+    refuse_forward_ad("dequantize", codebooks, scales)
     return torch.ops.aqlm_lora.dequantize.default(codes, codebooks, scales)
 
 
 def aqlm_gemm(input: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``input @ W^T + bias``: ``[..., in] -> [..., out]`` (differentiable w.r.t. input and bias)."""
+    refuse_forward_ad("aqlm_gemm", input, codebooks, scales, bias)
     return torch.ops.aqlm_lora.aqlm_gemm.default(input, codes, codebooks, scales, bias)
 
 
 def aqlm_gemm_t(grad: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
     """``grad @ W``: ``[..., out] -> [..., in]``, the input gradient of the base layer."""
+    refuse_forward_ad("aqlm_gemm_t", grad, codebooks, scales)
     return torch.ops.aqlm_lora.aqlm_gemm_t.default(grad, codes, codebooks, scales)
 
 
@@ -65,6 +82,7 @@ def lora_forward(
     Returns ``(out [..., out], xa [N, r])`` with ``xa = dropout(input) @ A^T`` (kept for backward).
     """
     checks.check_seed(seed, offset)  # values past int64 never reach the op's own check
+    refuse_forward_ad("lora_forward", input, codebooks, scales, bias, lora_A, lora_B, lora_bias)
     return torch.ops.aqlm_lora.lora_forward.default(
         input, codes, codebooks, scales, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, offset
     )
@@ -88,6 +106,7 @@ def lora_backward(
     """``(grad_input, grad_A, grad_B)`` of :func:`lora_forward`; ``grad_input`` is an empty
     ``[0]`` tensor when ``input_grad`` is False (the base matmul is then skipped)."""
     checks.check_seed(seed, offset)
+    refuse_forward_ad("lora_backward", grad, input, xa, codebooks, scales, lora_A, lora_B)
     return torch.ops.aqlm_lora.lora_backward.default(
         grad, input, xa, codes, codebooks, scales, lora_A, lora_B, scaling, dropout_p, seed, offset, input_grad
     )
@@ -116,6 +135,9 @@ def lora_mixed_forward(
     adapters). No dropout. Differentiable w.r.t. input, bias, lora_A, lora_B_t, lora_bias, scalings
     and row_scale.
     """
+    refuse_forward_ad(
+        "lora_mixed_forward", input, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale
+    )
     return torch.ops.aqlm_lora.lora_mixed_forward.default(
         input, codes, codebooks, scales, bias, lora_A, lora_B_t, lora_bias, scalings, row_scale, indices
     )

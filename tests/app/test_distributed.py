@@ -60,7 +60,8 @@ params = [p for p in peft_model.parameters() if p.requires_grad]
 settings = TrainSettings(steps=2, lr=0.5, batch=4, seq=16, max_grad_norm=0)
 data = read_data(data_path, load_tokenizer(model_dir))
 trained = wrap_ddp(peft_model, where) if where.active else peft_model
-train_steps(trained, data.tokens, settings, torch.optim.SGD(params, lr=0.5), progress=False, labels=data.labels, where=where)
+optimizer = torch.optim.SGD(params, lr=0.5)
+train_steps(trained, data.tokens, settings, optimizer, progress=False, labels=data.labels, where=where)
 if where.main:
     torch.save({n: p.detach() for n, p in peft_model.named_parameters() if p.requires_grad}, out)
 where.close()

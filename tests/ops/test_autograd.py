@@ -254,3 +254,49 @@ def test_gradgradcheck_aqlm_linear(scheme):
     x = torch.randn(3, w.in_features, dtype=torch.float64, requires_grad=True)
     bias = w.bias.clone().requires_grad_()
     assert torch.autograd.gradgradcheck(lambda x, b: aqlm_lora.aqlm_linear(x, *w.args(), b), (x, bias))
+
+
+def _forward_ad_calls(w, x, lora_A, lora_B):
+    """(name, function of one tensor, that tensor) for each entry point, differentiated w.r.t. x or A."""
+    k_A, k_B = torch.stack([lora_A, lora_A / 2]), torch.stack([lora_B.T, lora_B.T * 3])
+    indices = torch.tensor([0, -1, 1], dtype=torch.int64)
+    x2 = x.reshape(-1, w.in_features)[:3]
+    return [
+        ("aqlm_gemm", lambda t: aqlm_lora.aqlm_linear(t, *w.args(), None), x),
+        ("lora_forward", lambda t: aqlm_lora.aqlm_lora_linear(t, *w.args(), None, lora_A, lora_B, 0.5), x),
+        ("lora_forward", lambda t: aqlm_lora.aqlm_lora_linear(x, *w.args(), None, t, lora_B, 0.5), lora_A),
+        (
+            "lora_mixed_forward",
+            lambda t: aqlm_lora.aqlm_lora_mixed_linear(
+                t, *w.args(), None, k_A, k_B, torch.ones(2, dtype=t.dtype), indices
+            ),
+            x2,
+        ),
+        ("dequantize", lambda t: ops.dequantize(w.codes, w.codebooks, t), w.scales),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["func.jvp", "func.jacfwd", "forward_ad"])
+def test_forward_mode_ad_is_refused(mode):
+    """torch drops forward-mode tangents of torch.library ops silently (a zero or None tangent, where
+    the true one is x'W^T + ...): every entry point refuses them instead."""
+    import torch.autograd.forward_ad as fwAD
+
+    w, x, _, lora_A, lora_B, _ = _lora_inputs(SCHEMES[0], "cpu")
+    x, lora_A, lora_B = x.detach(), lora_A.detach(), lora_B.detach()
+    for name, fn, primal in _forward_ad_calls(w, x, lora_A, lora_B):
+        with pytest.raises(NotImplementedError, match=rf"aqlm_lora\.{name}: forward-mode AD .* not supported"):
+            if mode == "func.jvp":
+                torch.func.jvp(fn, (primal,), (torch.ones_like(primal),))
+            elif mode == "func.jacfwd":
+                torch.func.jacfwd(fn)(primal)
+            else:
+                with fwAD.dual_level():
+                    fn(fwAD.make_dual(primal, torch.ones_like(primal)))
+        assert fn(primal).shape  # outside forward mode the same call runs
+    # Reverse mode and vmap (torch's per-sample fallback) stay as they were.
+    grad = torch.func.grad(lambda t: aqlm_lora.aqlm_linear(t, *w.args()).sum())
+    with pytest.raises(RuntimeError):  # torch's own refusal of custom ops under func.grad, unchanged
+        grad(x)
+    batched = torch.func.vmap(lambda t: aqlm_lora.aqlm_linear(t, *w.args()))(x)
+    assert_close_fp32(batched, aqlm_lora.aqlm_linear(x, *w.args()), rtol=1e-12)
