@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Compiles the CUDA kernels and checks that every aqlm_lora op has a CUDA kernel. No GPU needed.
 #
-# - Its own venv, .venv-cuda (git-ignored), with a CUDA build of torch (AQLM_LORA_CUDA_TORCH,
-#   default torch==2.14.1, a CUDA 13.0 build) plus numpy, ninja, setuptools, wheel. The CPU venv
-#   (.venv) and its in-place build are never touched.
+# - Its own venv (AQLM_LORA_CUDA_VENV, default .venv-cuda; git-ignored), with a CUDA build of torch
+#   (AQLM_LORA_CUDA_TORCH, default torch==2.14.1, a CUDA 13.0 build) plus numpy, ninja, setuptools,
+#   wheel. The CPU venv (.venv) and its in-place build are never touched. The GPU machine has torch
+#   2.11: `AQLM_LORA_CUDA_VENV=.venv-cuda211 AQLM_LORA_CUDA_TORCH=torch==2.11.0` checks that the
+#   kernels compile against its headers too.
 # - Builds from a temporary copy of the repository (tracked and untracked, not ignored files) with
 #   AQLM_LORA_USE_CUDA=1 (fail rather than skip CUDA), TORCH_CUDA_ARCH_LIST (default "8.0;9.0")
-#   and MAX_JOBS (default 2), installing the package into .venv-cuda with --no-deps.
+#   and MAX_JOBS (default 2), installing the package into that venv with --no-deps.
 # - Checks registration with scripts/gpu/check_registration.py run from a directory outside the
 #   repository, so `import aqlm_lora` (torch only) loads the installed build, not the source tree's
 #   CPU one: every op the library's schemas declare must have a CUDA kernel.
@@ -17,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PYTHON=${PYTHON:-python3}
-VENV=$ROOT/.venv-cuda
+VENV=$ROOT/${AQLM_LORA_CUDA_VENV:-.venv-cuda}
 TORCH_SPEC=${AQLM_LORA_CUDA_TORCH:-torch==2.14.1}
 ARCHS=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 JOBS=${MAX_JOBS:-2}
