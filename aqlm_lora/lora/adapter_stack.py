@@ -68,6 +68,7 @@ class AdapterStack:
         lora_B = layer.lora_B[name]
         return [layer.lora_A[name].weight, lora_B.weight, lora_B.bias, magnitude]
 
+    @torch.compiler.disable
     def stacked(self, layer, used: Collection[str]) -> StackedAdapters:
         """The stacks of every adapter of ``layer`` (its ``lora_A`` keys, in order); only the adapters
         in ``used`` (those some row of the batch names) are connected to autograd."""
@@ -131,6 +132,7 @@ class AdapterStack:
             row_scale=torch.stack(row_scales) if has_dora else None,
         )
 
+    @torch.compiler.disable
     def indices(self, adapter_names: list[str], index: dict[str, int], rows_per_item: int, device) -> Tensor:
         """int64 ``[len(adapter_names) * rows_per_item]``: each name's stack position (-1: none), repeated
         for the rows of its batch item. The last one is cached (``generate`` asks for it every step)."""

@@ -210,10 +210,12 @@ def _install_unload_hook() -> None:
     """Wrap ``LoraModel._unload_and_optionally_merge`` (``merge_and_unload``) once per process.
 
     For a model holding our layers, a merge warns once with the model's growth instead of once per
-    layer (:func:`aqlm_lora.lora.merge.merging`), the AQLM quantization config afterwards lists
-    the layers that became dense, and codes aqlm's own CPU forward permuted are put back in the
-    checkpoint layout (:func:`~aqlm_lora.lora.fused_base.restore_checkpoint_layout`); any other
-    model goes to PEFT untouched.
+    layer (:func:`aqlm_lora.lora.merge.merging`). Afterwards, also after ``unload()`` (which keeps
+    layers merged earlier by ``merge_adapter`` dense), the AQLM quantization config lists the
+    layers that became dense (else the checkpoint reloads them as uninitialized AQLM layers), and
+    codes aqlm's own CPU forward permuted are put back in the checkpoint layout
+    (:func:`~aqlm_lora.lora.fused_base.restore_checkpoint_layout`). Any other model goes to PEFT
+    untouched.
     """
     original = LoraModel._unload_and_optionally_merge
     if getattr(original, "_aqlm_lora_hook", False):
@@ -221,9 +223,12 @@ def _install_unload_hook() -> None:
 
     @functools.wraps(original)
     def unload(self, merge: bool = True, *args: Any, **kwargs: Any) -> Any:
-        if not merge or not any(isinstance(m, AqlmLoraLinear) for m in self.model.modules()):
+        if not any(isinstance(m, AqlmLoraLinear) for m in self.model.modules()):
             return original(self, merge, *args, **kwargs)
-        with merging(self.model):
+        if merge:
+            with merging(self.model):
+                model = original(self, merge, *args, **kwargs)
+        else:  # unload(): layers merged earlier (merge_adapter) come back dense, as in PEFT
             model = original(self, merge, *args, **kwargs)
         update_quantization_config(model)
         restore_checkpoint_layout(model)

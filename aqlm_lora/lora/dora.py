@@ -129,12 +129,14 @@ class DoraNorms:
         self._weight: Optional[tuple[tuple, Tensor]] = None
         self._adapters: dict[str, tuple[tuple, Tensor]] = {}
 
+    @torch.compiler.disable
     def weight_sq(self, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
         key = tuple(tensor_key(t) for t in (codes, codebooks, scales))
         if self._weight is None or self._weight[0] != key:
             self._weight = (key, weight_row_sq_norms(codes, codebooks, scales))
         return self._weight[1]
 
+    @torch.compiler.disable
     def row_norms(
         self,
         name: str,

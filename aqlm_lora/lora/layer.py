@@ -51,41 +51,14 @@ from torch import Tensor, nn
 
 from .. import functional
 from .adapter_stack import AdapterStack
+from .config_checks import check_supported, prepare_config
 from .dora import AqlmDoraVariant, DoraNorms, dora_step
 from .fused_base import canonical_codes
 from .merge import merge_layer, unmerge_layer
 
 __all__ = ["AqlmLoraLinear", "canonical_codes"]
 
-# init_lora_weights values that read or rewrite the dense base weight (SVD, QR, quantization error,
-# gradients). An AQLM layer has no dense weight to read and its codes cannot absorb a residual.
-_DENSE_WEIGHT_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "mica")
-
 _VARIANT_KWARGS = ("alora_offsets",)
-
-
-def _dense_init_name(init_lora_weights: Any) -> Optional[str]:
-    if not isinstance(init_lora_weights, str):
-        return None
-    lowered = init_lora_weights.lower()
-    for name in _DENSE_WEIGHT_INITS:
-        if lowered == name or lowered.startswith(name + "_"):
-            return init_lora_weights
-    return None
-
-
-def _check_supported(config: LoraConfig, cls_name: str) -> None:
-    """Raise ValueError for options AQLM bases cannot support, saying why and what to do."""
-    if config.use_dora and config.lora_bias:  # LoraConfig refuses it too; a config edited afterwards may not be
-        raise ValueError(f"{cls_name}: lora_bias=True is not supported for DoRA (as in PEFT); pass use_dora=False")
-    dense_init = _dense_init_name(config.init_lora_weights)
-    if dense_init is not None:
-        raise ValueError(
-            f"{cls_name} does not support init_lora_weights={dense_init!r}: it reads (and, for most of these, "
-            "rewrites) the dense base weight, and an AQLM layer has only codes, codebooks and scales - its "
-            "weight cannot absorb a residual without re-quantizing. Use init_lora_weights=True, False, "
-            "'gaussian', 'eva' or 'orthogonal', or apply the init on the dense model before quantizing."
-        )
 
 
 def _lora_delta(
@@ -133,7 +106,7 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
             )
         elif not r:
             r, lora_alpha = config.r, config.lora_alpha
-        _check_supported(config, type(self).__name__)
+        prepare_config(config, type(self).__name__, kwargs.get("parameter_name"))
 
         super().__init__()
         LoraLayer.__init__(self, base_layer)
@@ -151,7 +124,7 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
         # Also reached directly by PEFT when a second adapter is added to an existing layer.
-        _check_supported(config, type(self).__name__)
+        check_supported(config, type(self).__name__)
         try:
             self.resolve_lora_variant(config=config)
         except ValueError as err:

@@ -187,6 +187,24 @@ def _base_bytes(model: nn.Module) -> int:
     return total
 
 
+def activation_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The one floating dtype of the model's weights outside its AQLM layers and adapters (what its
+    activations are, so what merged layers must accept); None when they have several or none."""
+    aqlm = sys.modules.get("aqlm")
+    quantized = {
+        id(p)
+        for m in model.modules()
+        if aqlm is not None and isinstance(m, aqlm.QuantizedLinear)
+        for p in m.parameters()
+    }
+    dtypes = {
+        p.dtype
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and id(p) not in quantized and ".lora_" not in name
+    }
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 @contextmanager
 def merging(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[None]:
     """Around PEFT's merge of ``model``: layers merge to ``dtype`` quietly, one warning says how the model grew.
@@ -197,7 +215,7 @@ def merging(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[N
         yield
         return
     before = _base_bytes(model)
-    state = _Merging(dtype)
+    state = _Merging(dtype or activation_dtype(model))
     token = _CURRENT.set(state)
     try:
         yield
@@ -208,7 +226,7 @@ def merging(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[N
         dtypes = ", ".join(sorted(_dtype_name(d) for d in state.dtypes))
         warnings.warn(
             f"merge_and_unload: {state.layers} AQLM layers became dense nn.Linear ({dtypes}): the model grows from "
-            f"{before / _MIB:.1f} MiB to {after / _MIB:.1f} MiB (+{(after - before) / _MIB:.1f} MiB, "
+            f"{before / _MIB:.1f} MiB to {after / _MIB:.1f} MiB ({(after - before) / _MIB:+.1f} MiB, "
             f"{after / max(before, 1):.2f}x); aqlm_lora.merge_and_quantize keeps it AQLM",
             UserWarning,
             stacklevel=4,
@@ -223,7 +241,9 @@ def merge_and_unload(
     adapter_names: Optional[list[str]] = None,
     progressbar: bool = False,
 ) -> nn.Module:
-    """PEFT's ``merge_and_unload`` with the merged AQLM layers in ``dtype`` (default: their codebooks' dtype).
+    """PEFT's ``merge_and_unload`` with the merged AQLM layers in ``dtype`` (default: the dtype of the
+    model's other weights, its activations' dtype, so the merged model runs on the inputs it ran on;
+    the codebooks' dtype where those weights have several dtypes).
 
     ``model`` is a ``PeftModel`` (or ``LoraModel``) holding :class:`~aqlm_lora.lora.layer.AqlmLoraLinear`
     layers. Each becomes an ``nn.Linear`` holding ``W_dequantized`` with its adapters merged in (biases

@@ -302,3 +302,22 @@ def test_dora_state_dict_keys_are_peft_keys():
     twin_keys = {k for k in twin.state_dict() if not k.startswith("base_layer.")}
     assert ours_keys == twin_keys
     assert "lora_magnitude_vector.a.weight" in ours_keys and "lora_magnitude_vector.p.weight" not in ours_keys
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_compile_matches_eager_and_follows_updates(training):
+    """The caches run outside the graph (torch.compiler.disable): no guard on data pointers or versions
+    (which recompiled every step), and an in-place update between calls is still seen."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ours = build(SCHEMES[1], "single").train(training)
+    compiled = torch.compile(ours, backend="aot_eager")
+    x = torch.randn(5, ours.in_features)
+    for step in range(3):
+        with torch.no_grad():
+            assert torch.equal(compiled(x), ours(x)), step
+            ours.lora_B["a"].weight.add_(0.01)  # what an optimizer step does
+    breaks = [reason for reason in counters["graph_break"] if "disable" not in reason]
+    assert not breaks, breaks

@@ -1,5 +1,6 @@
 """What AqlmLoraLinear refuses, and how: codes of the wrong shape, PEFT options it cannot honour
-(inits that need a dense base weight, aLoRA), and extra forward arguments."""
+(inits that need a dense base weight, aLoRA, QALoRA, target_parameters), fan_in_fan_out reset as
+PEFT does, and extra forward arguments."""
 
 import copy
 import warnings
@@ -35,6 +36,7 @@ def test_codes_of_wrong_shape_are_refused():
         ({"init_lora_weights": "lora_ga"}, "init_lora_weights='lora_ga'.*dense base weight"),
         ({"init_lora_weights": "mica"}, "init_lora_weights='mica'.*dense base weight"),
         ({"alora_invocation_tokens": [1, 2]}, "plain LoRA only"),
+        ({"use_qalora": True}, "does not implement QALoRA"),  # PEFT's layers would give plain LoRA silently
     ],
     ids=lambda v: str(v)[:30] if isinstance(v, dict) else None,
 )
@@ -58,3 +60,31 @@ def test_forward_rejects_extra_arguments():
         ours(torch.randn(2, IN_FEATURES), torch.randn(2))
     with pytest.raises(ValueError, match="does not support `alora_offsets`"):
         ours(torch.randn(2, IN_FEATURES), alora_offsets=[1, 1])
+
+
+class _OneLayer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = make_quantized_linear(SCHEMES[1])
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+@pytest.mark.parametrize("parameter", ["q_proj.scales", "q_proj.codebooks"])
+def test_target_parameters_on_an_aqlm_layer_is_refused(parameter):
+    """PEFT hands the parameter's name to our layer, which built a LoRA on the whole layer instead."""
+    from peft import get_peft_model
+
+    from aqlm_lora import register
+
+    config = register(LoraConfig(r=4, target_modules=None, target_parameters=[parameter]))
+    with pytest.raises(ValueError, match=rf"target_parameters='{parameter.split('.')[1]}'.*target_modules"):
+        get_peft_model(_OneLayer(), config)
+
+
+def test_fan_in_fan_out_is_reset_as_peft_does():
+    config = lora_config(fan_in_fan_out=True)
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        ours = AqlmLoraLinear(make_quantized_linear(SCHEMES[0]), "a", r=4, config=config)
+    assert config.fan_in_fan_out is False and "a" in ours.lora_A

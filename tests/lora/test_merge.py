@@ -255,3 +255,49 @@ def test_codes_aqlm_permuted_are_saved_in_the_checkpoint_layout(path):
         merged = merge(peft_model)
     left = {n: m for n, m in merged.named_modules() if isinstance(m, aqlm.QuantizedLinear) and "q_proj" not in n}
     assert left and all(torch.equal(m.codes, original[n]) and m.gemv_op is None for n, m in left.items())
+
+
+def test_unload_after_merge_adapter_saves_a_checkpoint_that_reloads(tmp_path):
+    """unload() keeps layers merged earlier by merge_adapter() dense (PEFT does so too); the config
+    must list them, or transformers reloaded them as uninitialized AQLM layers (NaN logits)."""
+    from transformers import AutoModelForCausalLM
+
+    peft_model = tiny_model(dora=False)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.merge_adapter()
+        unloaded = peft_model.unload()
+    assert type(unloaded.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert isinstance(unloaded.model.layers[0].self_attn.k_proj, aqlm.QuantizedLinear)
+    listed = unloaded.config.quantization_config.linear_weights_not_to_quantize
+    assert "model.layers.0.self_attn.q_proj.weight" in listed
+    unloaded.save_pretrained(str(tmp_path / "unloaded"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "unloaded"))
+    aqlm_lora.use_fused_kernels(loaded)
+    assert type(loaded.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        assert_close_fp32(loaded(input_ids=ids).logits, expected, rtol=1e-5, what="reloaded logits")
+
+
+@pytest.mark.parametrize("codebooks", [torch.float16, torch.bfloat16], ids=str)
+def test_merged_model_runs_on_its_old_inputs_with_low_precision_codebooks(codebooks):
+    """Codebooks in half precision inside a float32 model: the merged layers take the model's dtype
+    (they took the codebooks' one and then refused the float32 activations: 'mat1 and mat2 must
+    have the same dtype')."""
+    peft_model = tiny_model(dora=True)
+    for module in peft_model.modules():
+        if isinstance(module, aqlm.QuantizedLinear):
+            module.codebooks.data = module.codebooks.data.to(codebooks)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = peft_model.merge_and_unload()
+    assert any("(float32)" in str(w.message) and "grows from" in str(w.message) for w in caught)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert_close_fp32(merged(input_ids=ids).logits, expected, rtol=1e-5, what="merged logits")
