@@ -296,3 +296,24 @@ def test_gpu_check_dry_run_reports_failures(tmp_path):
     summary = (out / "summary.txt").read_text().strip()
     assert summary.startswith("gpu_check: FAILED (smoke pytest) in "), summary
     assert "pytest no test collected" in summary, summary
+
+
+def test_gpu_check_dry_run_stopped_by_the_time_cap_is_incomplete_not_failed(tmp_path):
+    """pytest stopped by its time cap with no failure so far is INCOMPLETE (exit 3), not a FAILED
+    kernel verdict; with a failure before the cap it stays FAILED."""
+    tests = tmp_path / "test_slow.py"
+    tests.write_text(
+        "import time\n\ndef test_cpu_quick():\n    assert True\n\ndef test_cpu_slow():\n    time.sleep(120)\n"
+    )
+    proc, out = _dry_run(tmp_path, GPU_CHECK_PYTEST_FILES=str(tests), GPU_CHECK_PYTEST_CAP_S="15")
+    summary = (out / "summary.txt").read_text().strip()
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert summary.startswith("gpu_check: INCOMPLETE (pytest) in "), summary
+    assert "pytest stopped at the time cap after: 1 passed, 0 failed" in summary, summary
+
+    broken = tmp_path / "test_broken.py"  # a failure, then the slow test
+    broken.write_text("def test_cpu_broken():\n    assert False\n")
+    (tmp_path / "out").rename(tmp_path / "out1")
+    proc, out = _dry_run(tmp_path, GPU_CHECK_PYTEST_FILES=f"{broken} {tests}", GPU_CHECK_PYTEST_CAP_S="15")
+    summary = (out / "summary.txt").read_text().strip()
+    assert proc.returncode == 1 and summary.startswith("gpu_check: FAILED (pytest) in "), summary
