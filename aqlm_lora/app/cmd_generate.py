@@ -5,7 +5,7 @@ Each line of the prompts file is ``{"prompt": "...", "adapter": "NAME"}`` (``"ad
 absent: the base model). Prompts go in batches of ``--batch`` in file order; one batch mixes
 adapters freely (``generate(..., adapter_names=[...])``: per layer, one fused call computes the
 base once for every row and each row's own LoRA). Completions go to ``--out`` (JSONL, one
-``{"prompt", "adapter", "completion", "tokens"}`` a line, in the file's order) or to stdout; the
+``{"prompt", "adapter", "completion", "tokens", "token_ids"}`` a line, in the file's order) or to stdout; the
 summary line (prompt and decode tokens/s, measured separately) goes to stderr.
 """
 
@@ -236,7 +236,8 @@ def run(args) -> int:
             prompt_tokens += sum(n for n, _, _ in results)
             decode_tokens += sum(max(produced - 1, 0) for _, _, produced in results)  # after the prefill's token
             for record, (_, new, _) in zip(batch, results):
-                row = {**record, "completion": _decode(tokenizer, new), "tokens": len(new)}
+                # token_ids: the exact output (the text is decoded with replacement characters)
+                row = {**record, "completion": _decode(tokenizer, new), "tokens": len(new), "token_ids": new}
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             sink.flush()
             bar.update(len(batch))

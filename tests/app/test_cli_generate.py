@@ -69,6 +69,7 @@ def test_mixed_batch_equals_each_prompt_alone(workspace, adapters, tmp_path, cap
     mixed = [json.loads(line) for line in (tmp_path / "mixed.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["adapter"]) for r in mixed] == PROMPTS
     assert all(r["tokens"] >= 1 and isinstance(r["completion"], str) for r in mixed)
+    assert all(len(r["token_ids"]) == r["tokens"] for r in mixed)
     assert _generate(workspace, adapters, prompts, tmp_path / "alone.jsonl", "--batch", "1") == 0
     alone = [json.loads(line) for line in (tmp_path / "alone.jsonl").read_text().splitlines()]
     assert mixed == alone
