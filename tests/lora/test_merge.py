@@ -176,21 +176,24 @@ def tiny_model(dora: bool):
     return peft_model.eval()
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_merge_and_unload_gives_dense_layers_and_the_same_outputs(dora, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    peft_model = tiny_model(dora)
+def logits_then_merge(peft_model: nn.Module) -> tuple:
+    """``(ids, logits before, merge_and_unload()'s model, the warnings it gave as strings)``."""
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merged = peft_model.merge_and_unload()
-    grew = [w for w in caught if "the model grows from" in str(w.message)]
-    assert len(grew) == 1, [str(w.message) for w in caught]
-    assert "6 AQLM layers became dense nn.Linear (float32)" in str(grew[0].message)
-    assert not any("merged into a dense" in str(w.message) for w in caught), "one warning, not one per layer"
+    return ids, expected, merged, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_merge_and_unload_gives_dense_layers_and_the_same_outputs(dora, tmp_path):
+    ids, expected, merged, caught = logits_then_merge(tiny_model(dora))
+    grew = [w for w in caught if "the model grows from" in w]
+    assert len(grew) == 1, caught
+    assert "6 AQLM layers became dense nn.Linear (float32)" in grew[0]
+    assert not any("merged into a dense" in w for w in caught), "one warning, not one per layer"
     layers = dict(merged.named_modules())
     for name, module in layers.items():
         if name.endswith(("q_proj", "v_proj", "down_proj")):
@@ -199,15 +202,23 @@ def test_merge_and_unload_gives_dense_layers_and_the_same_outputs(dora, tmp_path
             assert isinstance(module, aqlm.QuantizedLinear), name
     with torch.no_grad():
         assert_close_fp32(merged(input_ids=ids).logits, expected, rtol=1e-5, what="merged logits")
-    listed = merged.config.quantization_config.linear_weights_not_to_quantize
+    assert_reloads_as_saved(merged, ids, expected, tmp_path / "merged")
+
+
+def assert_reloads_as_saved(model: nn.Module, ids, expected, path) -> None:
+    """The config lists q_proj (merged, dense) as not quantized; saved and reloaded through
+    transformers, q_proj is dense, k_proj AQLM, and the logits are ``expected``."""
+    from transformers import AutoModelForCausalLM
+
+    listed = model.config.quantization_config.linear_weights_not_to_quantize
     assert "model.layers.0.self_attn.q_proj.weight" in listed
-    merged.save_pretrained(str(tmp_path / "merged"))
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    model.save_pretrained(str(path))
+    loaded = AutoModelForCausalLM.from_pretrained(str(path))
     aqlm_lora.use_fused_kernels(loaded)
     assert type(loaded.model.layers[0].self_attn.q_proj) is nn.Linear
     assert isinstance(loaded.model.layers[0].self_attn.k_proj, aqlm.QuantizedLinear)
     with torch.no_grad():
-        assert_close_fp32(loaded(input_ids=ids).logits, expected, rtol=1e-5, what="reloaded merged logits")
+        assert_close_fp32(loaded(input_ids=ids).logits, expected, rtol=1e-5, what="reloaded logits")
 
 
 def test_merge_and_unload_in_another_dtype():
@@ -260,7 +271,6 @@ def test_codes_aqlm_permuted_are_saved_in_the_checkpoint_layout(path):
 def test_unload_after_merge_adapter_saves_a_checkpoint_that_reloads(tmp_path):
     """unload() keeps layers merged earlier by merge_adapter() dense (PEFT does so too); the config
     must list them, or transformers reloaded them as uninitialized AQLM layers (NaN logits)."""
-    from transformers import AutoModelForCausalLM
 
     peft_model = tiny_model(dora=False)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -272,14 +282,7 @@ def test_unload_after_merge_adapter_saves_a_checkpoint_that_reloads(tmp_path):
         unloaded = peft_model.unload()
     assert type(unloaded.model.layers[0].self_attn.q_proj) is nn.Linear
     assert isinstance(unloaded.model.layers[0].self_attn.k_proj, aqlm.QuantizedLinear)
-    listed = unloaded.config.quantization_config.linear_weights_not_to_quantize
-    assert "model.layers.0.self_attn.q_proj.weight" in listed
-    unloaded.save_pretrained(str(tmp_path / "unloaded"))
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "unloaded"))
-    aqlm_lora.use_fused_kernels(loaded)
-    assert type(loaded.model.layers[0].self_attn.q_proj) is nn.Linear
-    with torch.no_grad():
-        assert_close_fp32(loaded(input_ids=ids).logits, expected, rtol=1e-5, what="reloaded logits")
+    assert_reloads_as_saved(unloaded, ids, expected, tmp_path / "unloaded")
 
 
 @pytest.mark.parametrize("codebooks", [torch.float16, torch.bfloat16], ids=str)
@@ -291,13 +294,8 @@ def test_merged_model_runs_on_its_old_inputs_with_low_precision_codebooks(codebo
     for module in peft_model.modules():
         if isinstance(module, aqlm.QuantizedLinear):
             module.codebooks.data = module.codebooks.data.to(codebooks)
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = peft_model(input_ids=ids).logits
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        merged = peft_model.merge_and_unload()
-    assert any("(float32)" in str(w.message) and "grows from" in str(w.message) for w in caught)
+    ids, expected, merged, caught = logits_then_merge(peft_model)
+    assert any("(float32)" in w and "grows from" in w for w in caught), caught
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     with torch.no_grad():
         assert_close_fp32(merged(input_ids=ids).logits, expected, rtol=1e-5, what="merged logits")
