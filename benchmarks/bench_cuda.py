@@ -5,13 +5,15 @@ Run on a machine with a GPU, from the repository root, after building the extens
     python benchmarks/bench_cuda.py --out benchmarks/results/bench_cuda.md
     python benchmarks/bench_cuda.py --shapes 4096x4096 --schemes 2x8 --tokens 1,16 --no-aqlm
 
-Rows: shapes (out x in) 4096x4096 and 11008x4096, schemes 1x16 g8 and 2x8 g8, tokens N = 1, 16,
-1024, 4096; everything fp16 (codebooks, scales, activations, LoRA factors). Random codes over the
+Rows: shapes (out x in) 4096x4096, 11008x4096, 4096x11008 and 8192x28672, schemes 1x16 g8 and 2x8
+g8, tokens N = 1, 2, 4, 8 (the decode kernels: N <= 8), 12, 16, 64 (just past it: where a cliff
+would show), 256, 1024, 4096; everything fp16 (codebooks, scales, activations, LoRA factors). Random codes over the
 whole int16/int8 range, randn codebooks, so the numbers are about speed, not model quality.
 
 Columns (times in microseconds per call):
 - dense: ``F.linear(x, W)`` with W = our dequantized weight in fp16 (cuBLAS);
-- ours: ``aqlm_lora.ops.aqlm_gemm`` and its ratio to dense; err: ``max|ours - dense| / max|dense|``;
+- ours: ``aqlm_lora.ops.aqlm_gemm`` and its ratio to dense; err: ``max|y - ref| / max|ref|`` of
+  ours and of dense, against ``F.linear`` in float64 on the same weight;
 - +LoRA: ``aqlm_lora.ops.lora_forward`` with r = 16 and the overhead over ours;
 - aqlm: ``aqlm.QuantizedLinear`` on CUDA (its CUDA kernels for N <= 6, dequantize + matmul above;
   its kernels are JIT-compiled on first use), when ``import aqlm`` works and ``--no-aqlm`` is not given;
@@ -20,8 +22,10 @@ Columns (times in microseconds per call):
   (``F.linear(x, W) + s * (x A^T) B^T``), and their ratio.
 
 Timing: CUDA events around blocks of back-to-back calls (each block ~1 ms or one call), the median
-over blocks; each cell gets about ``--budget`` seconds. The markdown table is rewritten after every
-row (so a run cut short still leaves its rows in ``--out``) and printed at the end.
+over blocks; each cell gets about ``--budget`` seconds. A time marked ``*`` is host-bound: issuing
+the calls took the CPU at least 80% of the GPU time, so the kernels may be faster than shown. The
+markdown table is rewritten after every row (so a run cut short still leaves its rows in ``--out``)
+and printed at the end.
 
 Without a CUDA device it prints "no CUDA device" and exits 0.
 """
@@ -86,8 +90,9 @@ def scheme_title(scheme: Scheme) -> str:
     return text + (f" o{scheme.out_group_size}" if scheme.out_group_size != 1 else "")
 
 
-def time_us(fn: Callable[[], object], budget_s: float) -> float:
-    """Median time of one ``fn()`` call in microseconds (CUDA events around blocks of calls)."""
+def time_us(fn: Callable[[], object], budget_s: float) -> tuple[float, bool]:
+    """Median time of one ``fn()`` call in microseconds (CUDA events around blocks of calls), and
+    whether it was host-bound (issuing a block took the CPU >= 80% of its GPU time)."""
     fn()
     fn()
     torch.cuda.synchronize()
@@ -99,15 +104,26 @@ def time_us(fn: Callable[[], object], budget_s: float) -> float:
     one_ms = max(start.elapsed_time(end), 1e-3)
     per_block = max(1, min(200, int(1.0 / one_ms)))
     blocks = max(3, min(30, int(budget_s * 1e3 / (per_block * one_ms))))
-    times = []
+    times, host = [], []
     for _ in range(blocks):
+        t0 = time.perf_counter()
         start.record()
         for _ in range(per_block):
             fn()
         end.record()
+        host.append((time.perf_counter() - t0) * 1e3 / per_block)  # ms of CPU time to issue one call
         end.synchronize()
         times.append(start.elapsed_time(end) / per_block)
-    return statistics.median(times) * 1e3
+    gpu_ms = statistics.median(times)
+    return gpu_ms * 1e3, statistics.median(host) >= 0.8 * gpu_ms
+
+
+def fmt_time(timed: Optional[tuple[float, bool]]) -> str:
+    return "n/a" if timed is None else fmt_us(timed[0]) + ("*" if timed[1] else "")
+
+
+def us(timed: Optional[tuple[float, bool]]) -> Optional[float]:
+    return None if timed is None else timed[0]
 
 
 def make_aqlm_layer(weight: AqlmWeight):
@@ -150,7 +166,7 @@ HEADER = [
     "dense us",
     "ours us",
     "ours/dense",
-    "err",
+    "err ours / dense",
     "+LoRA us",
     "LoRA overhead",
     "aqlm us",
@@ -189,9 +205,10 @@ def measure_row(
     device = dense_w.device
     x = torch.randn(n, in_features, device=device, dtype=torch.float16)
     with torch.no_grad():
-        y_dense = F.linear(x, dense_w)
-        y_ours = ops.aqlm_gemm(x, codes, codebooks, scales, None)
-        err = float((y_ours.float() - y_dense.float()).abs().max() / y_dense.float().abs().max())
+        ref = F.linear(x.double(), dense_w.double())
+        scale = float(ref.abs().max()) or 1.0
+        err_ours = float((ops.aqlm_gemm(x, codes, codebooks, scales, None).double() - ref).abs().max()) / scale
+        err_dense = float((F.linear(x, dense_w).double() - ref).abs().max()) / scale
 
         t_dense = time_us(lambda: F.linear(x, dense_w), budget)
         t_ours = time_us(lambda: ops.aqlm_gemm(x, codes, codebooks, scales, None), budget)
@@ -228,26 +245,30 @@ def measure_row(
         f"{out_features}x{in_features}",
         scheme_title(weight.scheme),
         str(n),
-        fmt_us(t_dense),
-        fmt_us(t_ours),
-        fmt_ratio(t_ours, t_dense),
-        f"{err:.1e}",
-        fmt_us(t_lora),
-        fmt_overhead(t_lora, t_ours),
-        fmt_us(t_aqlm),
-        fmt_ratio(t_ours, t_aqlm),
-        fmt_us(t_train),
-        fmt_us(t_train_dense),
-        fmt_ratio(t_train, t_train_dense),
+        fmt_time(t_dense),
+        fmt_time(t_ours),
+        fmt_ratio(us(t_ours), us(t_dense)),
+        f"{err_ours:.1e} / {err_dense:.1e}",
+        fmt_time(t_lora),
+        fmt_overhead(us(t_lora), us(t_ours)),
+        fmt_time(t_aqlm),
+        fmt_ratio(us(t_ours), us(t_aqlm)),
+        fmt_time(t_train),
+        fmt_time(t_train_dense),
+        fmt_ratio(us(t_train), us(t_train_dense)),
     ]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(HERE / "results" / "bench_cuda.md"), help="markdown file to write")
-    p.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated OUTxIN")
+    p.add_argument(
+        "--shapes", default="4096x4096,11008x4096,4096x11008,8192x28672", help="comma-separated OUTxIN"
+    )
     p.add_argument("--schemes", default="1x16,2x8", help="comma-separated schemes CxB[g<in>][o<out>]")
-    p.add_argument("--tokens", default="1,16,1024,4096", help="comma-separated token counts N")
+    p.add_argument(
+        "--tokens", default="1,2,4,8,12,16,64,256,1024,4096", help="comma-separated token counts N"
+    )
     p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per cell")
     p.add_argument("--no-aqlm", action="store_true", help="skip the aqlm.QuantizedLinear column")
     args = p.parse_args(argv)
@@ -281,7 +302,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"device: {props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)",
         f"torch {torch.__version__}, CUDA {torch.version.cuda}",
-        f"times: median microseconds per call, CUDA events, ~{args.budget:g} s per cell; LoRA r = {LORA_RANK}",
+        f"times: median microseconds per call, CUDA events, ~{args.budget:g} s per cell; LoRA r = {LORA_RANK}; "
+        "* = host-bound (issuing the calls took >= 80% of the GPU time)",
+        "ours: the decode kernels for N <= 8, dequantized tiles + cuBLAS above (csrc/cuda/decode.cu choose_kernel)",
     ]
     notes: list[str] = []
 

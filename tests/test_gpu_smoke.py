@@ -317,3 +317,45 @@ def test_gpu_check_dry_run_stopped_by_the_time_cap_is_incomplete_not_failed(tmp_
     proc, out = _dry_run(tmp_path, GPU_CHECK_PYTEST_FILES=f"{broken} {tests}", GPU_CHECK_PYTEST_CAP_S="15")
     summary = (out / "summary.txt").read_text().strip()
     assert proc.returncode == 1 and summary.startswith("gpu_check: FAILED (pytest) in "), summary
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the CPU: wall-clock marks, so bench_cuda's timing code runs without a GPU."""
+
+    def __init__(self, enable_timing: bool = True) -> None:
+        self.t = 0.0
+
+    def record(self) -> None:
+        import time
+
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def test_bench_cuda_rows_run_with_cuda_events_faked(monkeypatch):
+    """benchmarks/bench_cuda.py runs once on the GPU with no second chance: its row code (every
+    column, the float64 error reference, the host-bound mark) runs here on CPU tensors."""
+    from aqlm_lora import ops
+    from aqlm_lora.scheme import parse_scheme
+
+    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "benchmarks" / "bench_cuda.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    weight, lora_A, lora_B = bench.make_weight(64, 128, parse_scheme("2x8"), torch.device("cpu"))
+    dense = ops.dequantize(*weight.args())
+    notes: list[str] = []
+    rows = [bench.measure_row(ops, weight, (lora_A, lora_B), dense, None, n, 0.002, "t", notes) for n in (1, 12)]
+    for row in rows:
+        cells = dict(zip(bench.HEADER, row))
+        assert len(row) == len(bench.HEADER) and cells["aqlm us"] == "n/a", cells
+        err_ours, err_dense = (float(v) for v in cells["err ours / dense"].split(" / "))
+        assert err_ours < 1e-2 and err_dense < 1e-2, cells
+        assert re.fullmatch(r"[\d,.]+\*?", cells["ours us"]) and cells["ours/dense"].endswith("x"), cells
+    assert "| 64x128 | 2x8 g8 | 12 |" in bench.render(rows, ["m"], notes)
