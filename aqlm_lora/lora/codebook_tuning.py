@@ -9,9 +9,11 @@ This is AQLM's own end-to-end fine-tuning of codebooks and scales, with the adap
 target.
 
 While tuning, each tuned layer computes with its weight dequantized by plain differentiable PyTorch
-(:func:`aqlm_lora.reference.dequantize_as`, one dense weight per layer at a time: the fused ops do
-not differentiate with respect to codebooks or scales); afterwards the layers are back as they were,
-with their new codebooks and scales.
+(:func:`aqlm_lora.reference.dequantize_as`: the fused ops do not differentiate with respect to
+codebooks or scales). Autograd keeps every tuned layer's dense weight and the tensors it was built
+from (about 3x the layer's float32 size) until the step's backward, so a step holds about 3x the
+tuned layers' dense float32 size. Afterwards the layers are back as they were, with their new
+codebooks and scales.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def weight_row_sq_norms(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Ten
     parts = []
     for start in range(0, codes.shape[0], step):
         block = ops.dequantize(codes[start : start + step], books, scales[start : start + step])
-        parts.append(block.pow(2).sum(1))
+        parts.append(block.square_().sum(1))  # in place: one block alive, not two
     return torch.cat(parts)
 
 
@@ -103,14 +103,19 @@ def _cancelling_rows(
     scaling: float,
 ) -> Tensor:
     """``squared`` with the rows ``cancels`` marks recomputed in float64 from their output groups'
-    dequantized rows (few rows: an adapter cancelling a row is rare)."""
-    out_group = codebooks.shape[2]
-    groups = torch.unique(cancels.nonzero().squeeze(1) // out_group)
-    rows = (groups[:, None] * out_group + torch.arange(out_group, device=groups.device)).reshape(-1)
-    weight = ops.dequantize(codes[groups], codebooks.double(), scales[groups].double())  # [rows, in]
-    a64, b64 = a.double(), b[rows].double()
-    exact, _ = _squared_norms(weight_sq[rows], (a64 @ weight.T), a64, b64, scaling)
-    return squared.index_copy(0, rows, exact.to(squared.dtype))
+    dequantized rows (usually few: an adapter cancelling a row is rare), a block of at most
+    ``_BLOCK_ELEMENTS`` weights at a time."""
+    out_group, in_features = codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
+    step = max(1, _BLOCK_ELEMENTS // (out_group * in_features))
+    books, a64 = codebooks.double(), a.double()
+    all_groups = torch.unique(cancels.nonzero().squeeze(1) // out_group)
+    for start in range(0, all_groups.numel(), step):
+        groups = all_groups[start : start + step]
+        rows = (groups[:, None] * out_group + torch.arange(out_group, device=groups.device)).reshape(-1)
+        weight = ops.dequantize(codes[groups], books, scales[groups].double())  # [rows, in]
+        exact, _ = _squared_norms(weight_sq[rows], (a64 @ weight.T), a64, b[rows].double(), scaling)
+        squared = squared.index_copy(0, rows, exact.to(squared.dtype))
+    return squared
 
 
 class DoraNorms:
@@ -166,6 +171,9 @@ class DoraNorms:
 
     def clear_adapters(self) -> None:
         self._adapters.clear()
+
+    def forget(self, name: str) -> None:
+        self._adapters.pop(name, None)
 
     def clear(self) -> None:
         self._weight = None

@@ -189,6 +189,15 @@ class AqlmLoraLinear(torch.nn.Module, LoraLayer):
             if cache is not None:
                 cache.clear()
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        # The caches are keyed by name: a deleted adapter's norms (and a stack holding its weights)
+        # would stay until the next train(), one set per adapter ever deleted.
+        super().delete_adapter(adapter_name)
+        self.dora_norms.forget(adapter_name)
+        stack = self.__dict__.get("_adapter_stack")
+        if stack is not None:
+            stack.clear()
+
     def train(self, mode: bool = True):
         if mode:  # cached adapter norms (used outside training only) live for one eval() stretch at most
             self.dora_norms.clear_adapters()

@@ -346,13 +346,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const int64_t n = call.n;
   const at::ScalarType acc = acc_dtype(input);
   const at::Tensor g = rows_of(grad, n, d.out_features(), acc);
-  const at::Tensor x = rows_of(input, n, d.in_features(), acc);
   const at::Tensor a = lora_A.to(acc);
   const at::Tensor gb = lora_rows_dot(g, lora_transpose(lora_B.to(acc)));  // [N, r]
   const at::Tensor grad_B = lora_transpose(lora_outer_sum(xa.to(acc), g, scaling));  // [out, r], from [r, out]
-  // The dropped-out x is rebuilt from the seed and freed before dx exists: at most two N x in
-  // temporaries are alive at once.
-  const at::Tensor grad_A = lora_outer_sum(gb, dropout(x, dropout_p, seed, offset), scaling);
+  // x (an accumulation-type copy for bf16/fp16 input) and the dropped-out x rebuilt from the seed
+  // are freed before dx exists: with float32 input at most two N x in temporaries are alive at
+  // once; bf16/fp16 input adds the float32 copy of grad and, at the end, dx cast to its dtype.
+  at::Tensor grad_A;
+  {
+    const at::Tensor x = rows_of(input, n, d.in_features(), acc);
+    grad_A = lora_outer_sum(gb, dropout(x, dropout_p, seed, offset), scaling);
+  }
   at::Tensor grad_input = at::empty({0}, input.options());
   if (input_grad) {
     at::Tensor dx = base_backward(g, grad, codes, codebooks, scales, d);

@@ -250,6 +250,31 @@ def test_weight_norms_never_hold_more_than_one_block(monkeypatch):
     torch.testing.assert_close(sq, dense_weight(base, torch.float64).pow(2).sum(1), rtol=1e-12, atol=1e-12)
 
 
+def test_cancelling_rows_are_recomputed_one_block_at_a_time(monkeypatch):
+    """Every row cancelling (contrived) dequantized the whole weight in float64 at once."""
+    base = make_quantized_linear(SCHEMES[5], in_features=64, out_features=160)
+    weight = dense_weight(base, torch.float64)
+    layer = AqlmLoraLinear(base, "a", r=64, config=dora_config(r=64))
+    lora_A = weight.float()[:64].clone()  # B A = -0.999 W on the first 64 rows: their terms cancel
+    lora_B = torch.zeros(160, 64)
+    lora_B[:64] = -0.999 * torch.eye(64)
+    weight_sq = layer.dora_norms.weight_sq(*layer.quantized_weight())
+    seen = []
+    dequantize = ops.dequantize
+
+    def recording(codes, codebooks, scales):
+        out = dequantize(codes, codebooks, scales)
+        seen.append(out.numel())
+        return out
+
+    monkeypatch.setattr(dora, "_BLOCK_ELEMENTS", 64 * 20)
+    monkeypatch.setattr(dora.ops, "dequantize", recording)
+    norms = dora.lora_row_norms(*layer.quantized_weight(), weight_sq, lora_A, lora_B, 1.0)
+    assert len(seen) > 2 and max(seen) <= 64 * 20, seen  # the gemm of W A^T dequantizes nothing here
+    exact = torch.linalg.norm(weight + lora_B.double() @ lora_A.double(), dim=1)
+    torch.testing.assert_close(norms.double(), exact, rtol=1e-5, atol=0)
+
+
 def test_norm_caches(monkeypatch):
     """||W||^2 once per layer (again when the codebooks change); adapter norms cached in eval only."""
     layer = build(SCHEMES[1]).eval()

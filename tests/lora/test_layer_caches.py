@@ -164,3 +164,23 @@ def test_norms_cached_under_inference_mode_do_not_break_a_later_backward():
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
         assert torch.equal(grad, grads[1][name]), name
+
+
+def test_deleting_adapters_empties_their_caches():
+    """The norms cache is keyed by adapter name: 300 adapters added and deleted in eval left 300
+    entries (4.7 MiB on a 4096-wide layer) until the next train()."""
+    ours = cached_layer()
+    x = torch.randn(3, IN_FEATURES, dtype=torch.float64)
+    for i in range(5):
+        ours.update_layer(f"t{i}", 4, lora_alpha=8, config=lora_config(use_dora=True))
+        ours.double()
+        ours.set_adapter([f"t{i}"])
+        with torch.no_grad():
+            ours(x), ours(x, adapter_names=["p", f"t{i}", "q"])
+        ours.delete_adapter(f"t{i}")
+    assert set(ours.dora_norms._adapters) <= {"p"}
+    assert ours._adapter_stack._stacked is None
+    ours.set_adapter("p")
+    with torch.no_grad():
+        twin = dense_peft_twin(ours)
+        assert_exact(ours(x), twin(x), what="after the deletions")
