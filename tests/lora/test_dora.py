@@ -230,10 +230,9 @@ def test_magnitude_starts_as_peft_does(init):
     assert layer.lora_magnitude_vector["a"].weight.requires_grad
 
 
-def test_weight_norms_never_hold_more_than_one_block(monkeypatch):
-    base = make_quantized_linear(SCHEMES[5], in_features=64, out_features=160)
-    layer = AqlmLoraLinear(base, "a", r=4, config=dora_config())
-    seen = []
+def dequantize_sizes(monkeypatch, block_elements: int) -> list[int]:
+    """Sets dora's block size; the returned list collects the size of every weight dora dequantizes."""
+    seen: list[int] = []
     dequantize = ops.dequantize
 
     def recording(codes, codebooks, scales):
@@ -241,8 +240,15 @@ def test_weight_norms_never_hold_more_than_one_block(monkeypatch):
         seen.append(out.numel())
         return out
 
-    monkeypatch.setattr(dora, "_BLOCK_ELEMENTS", 64 * 20)
+    monkeypatch.setattr(dora, "_BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(dora.ops, "dequantize", recording)
+    return seen
+
+
+def test_weight_norms_never_hold_more_than_one_block(monkeypatch):
+    base = make_quantized_linear(SCHEMES[5], in_features=64, out_features=160)
+    layer = AqlmLoraLinear(base, "a", r=4, config=dora_config())
+    seen = dequantize_sizes(monkeypatch, block_elements=64 * 20)
     layer.dora_norms.clear()
     sq = layer.dora_norms.weight_sq(*layer.quantized_weight())
     assert seen and max(seen) <= 64 * 20 and sum(seen) == 64 * 160
@@ -259,16 +265,7 @@ def test_cancelling_rows_are_recomputed_one_block_at_a_time(monkeypatch):
     lora_B = torch.zeros(160, 64)
     lora_B[:64] = -0.999 * torch.eye(64)
     weight_sq = layer.dora_norms.weight_sq(*layer.quantized_weight())
-    seen = []
-    dequantize = ops.dequantize
-
-    def recording(codes, codebooks, scales):
-        out = dequantize(codes, codebooks, scales)
-        seen.append(out.numel())
-        return out
-
-    monkeypatch.setattr(dora, "_BLOCK_ELEMENTS", 64 * 20)
-    monkeypatch.setattr(dora.ops, "dequantize", recording)
+    seen = dequantize_sizes(monkeypatch, block_elements=64 * 20)
     norms = dora.lora_row_norms(*layer.quantized_weight(), weight_sq, lora_A, lora_B, 1.0)
     assert len(seen) > 2 and max(seen) <= 64 * 20, seen  # the gemm of W A^T dequantizes nothing here
     exact = torch.linalg.norm(weight + lora_B.double() @ lora_A.double(), dim=1)
