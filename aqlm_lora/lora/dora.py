@@ -51,12 +51,17 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _groups_per_block(codes: Tensor, codebooks: Tensor) -> int:
+    """Output groups whose dequantized rows hold at most ``_BLOCK_ELEMENTS`` weights (at least one)."""
+    out_group, in_features = codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
+    return max(1, _BLOCK_ELEMENTS // (out_group * in_features))
+
+
 @torch.no_grad()
 def weight_row_sq_norms(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
     """``||W_o||^2`` for every output row, in float64, one block at a time."""
     books, scales = codebooks.detach().double(), scales.detach().double()
-    out_group, in_features = codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
-    step = max(1, _BLOCK_ELEMENTS // (out_group * in_features))
+    step = _groups_per_block(codes, codebooks)
     parts = []
     for start in range(0, codes.shape[0], step):
         block = ops.dequantize(codes[start : start + step], books, scales[start : start + step])
@@ -105,8 +110,7 @@ def _cancelling_rows(
     """``squared`` with the rows ``cancels`` marks recomputed in float64 from their output groups'
     dequantized rows (usually few: an adapter cancelling a row is rare), a block of at most
     ``_BLOCK_ELEMENTS`` weights at a time."""
-    out_group, in_features = codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
-    step = max(1, _BLOCK_ELEMENTS // (out_group * in_features))
+    out_group, step = codebooks.shape[2], _groups_per_block(codes, codebooks)
     books, a64 = codebooks.double(), a.double()
     all_groups = torch.unique(cancels.nonzero().squeeze(1) // out_group)
     for start in range(0, all_groups.numel(), step):
