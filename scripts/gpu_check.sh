@@ -41,6 +41,7 @@
 #
 # Knobs (defaults are for the GPU box): PYTHON, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST,
 # DEADLINE_S, GPU_CHECK_SKIP_BUILD, GPU_CHECK_PYTEST_FILES, GPU_CHECK_PYTEST_K, GPU_CHECK_PYTEST_CAP_S,
+# GPU_CHECK_PYTEST_WORKERS (pytest-xdist processes when it is installed; default 6 on cuda, 0 on cpu),
 # GPU_CHECK_SMOKE_ARGS. Exit 0 PASSED, 1 FAILED, 3 INCOMPLETE (pytest stopped at its time cap with no
 # failure before it: rerun with a larger DEADLINE_S, or fewer GPU_CHECK_PYTEST_FILES).
 # GPU_CHECK_DEVICE=cpu is a dry run of the whole flow on the CPU kernels of the existing in-place
@@ -231,11 +232,15 @@ else
   PYTEST_FILES=${GPU_CHECK_PYTEST_FILES:-tests/ops/test_dropout.py}
   PYTEST_K=${GPU_CHECK_PYTEST_K:-cpu}
 fi
+# pytest-xdist (on the GPU box's image) spreads the cases over a few processes sharing the GPU.
+WORKERS=${GPU_CHECK_PYTEST_WORKERS:-$([ "$DEVICE" = cuda ] && echo 6 || echo 0)}
+XDIST=()
+if (( WORKERS > 0 )) && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$WORKERS"); fi
 if "$PY" -c "import pytest" 2>/dev/null; then
-  say "4. pytest $PYTEST_FILES -k '$PYTEST_K' (log: pytest.log, pytest_junit.xml)"
+  say "4. pytest $PYTEST_FILES -k '$PYTEST_K' ${XDIST[*]} (log: pytest.log, pytest_junit.xml)"
   # SIGINT first: pytest stops, prints its summary and writes the junit xml of what ran.
   # shellcheck disable=SC2086  # PYTEST_FILES is a list of paths
-  timeout -s INT -k 20 "${GPU_CHECK_PYTEST_CAP_S:-$(cap 240 40)}" "$PY" -m pytest $PYTEST_FILES -q -k "$PYTEST_K" -p no:cacheprovider \
+  timeout -s INT -k 20 "${GPU_CHECK_PYTEST_CAP_S:-$(cap 240 40)}" "$PY" -m pytest $PYTEST_FILES "${XDIST[@]}" -q -k "$PYTEST_K" -p no:cacheprovider \
     --maxfail=100 --durations=25 --junitxml="$OUT/pytest_junit.xml" -o junit_family=xunit1 >"$OUT/pytest.log" 2>&1
   rc=$?
   tail -n 12 "$OUT/pytest.log"
