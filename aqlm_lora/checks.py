@@ -188,14 +188,17 @@ def check_seed(seed: int, offset: int) -> None:
 
 def _check_int64_nonnegative(value, name: str) -> None:
     is_int = isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
-    if torch.compiler.is_compiling():
-        # A traced seed may be symbolic (draw_seed declares its range), and Dynamo traces a message
-        # closure only over constants: the name, not the value.
-        torch._check(
-            is_int and 0 <= value <= INT64_MAX, lambda: f"aqlm_lora: {name} must be an integer in [0, 2**63 - 1]"
-        )
+    if torch.compiler.is_compiling() and isinstance(value, torch.SymInt):
+        # A traced seed may be symbolic (draw_seed declares its range). Dynamo traces a message only
+        # from a lambda that closes over nothing (torch 2.11 refuses any other), so it cannot name
+        # the argument; two checks, as `0 <= v <= max` on a SymInt would force a bool.
+        torch._check(value >= 0, lambda: "aqlm_lora: seed and offset must be integers in [0, 2**63 - 1]")
+        torch._check(value <= INT64_MAX, lambda: "aqlm_lora: seed and offset must be integers in [0, 2**63 - 1]")
         return
-    _check(is_int and 0 <= value <= INT64_MAX, lambda: f"{name} must be an integer in [0, 2**63 - 1], got {value!r}")
+    if not (is_int and 0 <= value <= INT64_MAX):
+        # A plain raise, not torch._check: under torch.compile the condition is a constant here and
+        # Dynamo (2.11) cannot trace torch._check's message closure; the error is the same type.
+        raise RuntimeError(f"aqlm_lora: {name} must be an integer in [0, 2**63 - 1], got {value!r}")
 
 
 def check_lora_forward(
