@@ -23,9 +23,10 @@
 #      shared-memory thresholds, a non-default stream, dropout indices past 2**31) -> smoke.log;
 #   4. the test suite's CUDA cases: the device-parametrized test files with -k "cuda or device_mix"
 #      -> pytest.log, pytest_junit.xml (--durations=25 in the log; scripts/gpu/junit_counts.py sums it);
-#   5. benchmarks/bench_cuda.py without aqlm, then with aqlm's JIT-compiled kernels when
-#      `import aqlm` works and time is left (that table replaces the first only if it completes)
-#      -> bench_cuda.md, bench.log. The benchmark never fails the check.
+#   5. benchmarks/bench_cuda.py with aqlm's JIT-compiled kernels when `import aqlm` works, else (or
+#      if that fails) without -> bench_cuda.md (.csv, .png beside it), bench.log; then, as time
+#      allows, scripts/gpu/gemv_grid_sweep.py -> sweep.md and Nsight Compute on the N = 1 decode
+#      kernels (scripts/gpu/ncu_probe.py) -> ncu.txt. None of these fails the check.
 # Also in $OUT: gpu_check.log (this output), summary.txt (the last line). The last line is
 #   gpu_check: PASSED|FAILED (<failed steps>)|INCOMPLETE (pytest) in <s>s: build ...; smoke <n> checks,
 #   <n> failures, ...; pytest <n> passed, <n> failed, <n> errors, <n> skipped; bench ...
@@ -41,6 +42,7 @@
 #
 # Knobs (defaults are for the GPU box): PYTHON, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST,
 # DEADLINE_S, GPU_CHECK_SKIP_BUILD, GPU_CHECK_PYTEST_FILES, GPU_CHECK_PYTEST_K, GPU_CHECK_PYTEST_CAP_S,
+# GPU_CHECK_BENCH_BUDGET (seconds per benchmark cell, default 0.05),
 # GPU_CHECK_PYTEST_WORKERS (pytest-xdist processes when it is installed; default 6 on cuda, 0 on cpu),
 # GPU_CHECK_SMOKE_ARGS. Exit 0 PASSED, 1 FAILED, 3 INCOMPLETE (pytest stopped at its time cap with no
 # failure before it: rerun with a larger DEADLINE_S, or fewer GPU_CHECK_PYTEST_FILES).
@@ -263,27 +265,42 @@ else
   fail pytest "pytest is not installed for $PY"
 fi
 
-# ---- 5. benchmark (never fails the check) -------------------------------------------------------
+# ---- 5. benchmarks and profiles (never fail the check) -----------------------------------------
 if [ "$DEVICE" = cuda ]; then
-  say "5. benchmarks/bench_cuda.py --no-aqlm (log: bench.log)"
-  timeout -k 10 "$(cap 90)" "$PY" benchmarks/bench_cuda.py --no-aqlm --budget 0.1 --out "$OUT/bench_cuda.md" \
-    >"$OUT/bench.log" 2>&1
-  rc=$?
-  rows=$(grep -cE "^\| [0-9]+x[0-9]+ " "$OUT/bench_cuda.md" 2>/dev/null)
-  if (( rc == 0 )); then S_BENCH="ok, ${rows:-0} rows"; else S_BENCH="exit $rc, ${rows:-0} rows"; fi
-  say "bench_cuda.py --no-aqlm: $S_BENCH"
-  if "$PY" -c "import aqlm" 2>/dev/null && (( $(left) > 150 )); then
-    say "5b. bench_cuda.py with aqlm's CUDA kernels (JIT-compiled first; $(left) s left)"
-    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_torch_ext.XXXXXX")}
-    if MAX_JOBS=$JOBS TORCH_CUDA_ARCH_LIST=$ARCH timeout -k 10 "$(cap 400 5)" \
-        "$PY" benchmarks/bench_cuda.py --budget 0.1 --out "$OUT/bench_cuda_aqlm.md.part" >>"$OUT/bench.log" 2>&1; then
-      mv "$OUT/bench_cuda_aqlm.md.part" "$OUT/bench_cuda.md"
-      S_BENCH="$S_BENCH; with aqlm: ok$(grep -q "aqlm column:" "$OUT/bench_cuda.md" && echo ' (aqlm column skipped, see notes)')"
-    else
-      S_BENCH="$S_BENCH; with aqlm: did not complete (table without aqlm kept)"
-    fi
+  # With aqlm importable, one run with its JIT-compiled CUDA kernels as a column; without it (or if
+  # that run fails before its table is complete), one without.
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_torch_ext.XXXXXX")}
+  BENCH_ARGS=(--budget "${GPU_CHECK_BENCH_BUDGET:-0.05}" --out "$OUT/bench_cuda.md")
+  bench_ok=0
+  if "$PY" -c "import aqlm" 2>/dev/null; then
+    say "5. benchmarks/bench_cuda.py with aqlm's CUDA kernels (log: bench.log; $(left) s left)"
+    MAX_JOBS=$JOBS TORCH_CUDA_ARCH_LIST=$ARCH timeout -k 10 "$(cap 300 90)" \
+      "$PY" benchmarks/bench_cuda.py "${BENCH_ARGS[@]}" >"$OUT/bench.log" 2>&1
+    rc=$?
+    (( rc == 0 )) && bench_ok=1
+    S_BENCH="with aqlm: $( ((rc == 0)) && echo ok || echo "exit $rc")"
   else
-    S_BENCH="$S_BENCH; aqlm column not run (no aqlm or $(left) s left)"
+    S_BENCH="aqlm not importable"
+  fi
+  if (( ! bench_ok )); then
+    say "5. benchmarks/bench_cuda.py --no-aqlm (log: bench.log; $(left) s left)"
+    timeout -k 10 "$(cap 240 60)" "$PY" benchmarks/bench_cuda.py --no-aqlm "${BENCH_ARGS[@]}" >>"$OUT/bench.log" 2>&1
+    rc=$?
+    S_BENCH="$S_BENCH; without aqlm: $( ((rc == 0)) && echo ok || echo "exit $rc")"
+  fi
+  rows=$(grep -cE "^\| [0-9]+x[0-9]+ " "$OUT/bench_cuda.md" 2>/dev/null)
+  S_BENCH="$S_BENCH, ${rows:-0} rows"
+  say "bench_cuda.py: $S_BENCH"
+  if (( $(left) > 90 )); then
+    say "5b. scripts/gpu/gemv_grid_sweep.py (log: sweep.md)"
+    timeout -k 10 "$(cap 120 40)" "$PY" scripts/gpu/gemv_grid_sweep.py --out "$OUT/sweep.md" >>"$OUT/bench.log" 2>&1 ||
+      say "grid sweep did not complete"
+  fi
+  if command -v ncu >/dev/null 2>&1 && (( $(left) > 45 )); then
+    say "5c. ncu on the N=1 decode kernels (log: ncu.txt)"
+    timeout -k 10 "$(cap 120 5)" ncu --clock-control none -k regex:'gemv|lora_shrink' --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      "$PY" scripts/gpu/ncu_probe.py >"$OUT/ncu.txt" 2>&1 || say "ncu did not complete (see ncu.txt)"
   fi
   cat "$OUT/bench_cuda.md" 2>/dev/null || say "no bench_cuda.md"
 else

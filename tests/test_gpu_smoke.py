@@ -337,7 +337,7 @@ class _FakeEvent:
         return (end.t - self.t) * 1e3
 
 
-def test_bench_cuda_rows_run_with_cuda_events_faked(monkeypatch):
+def test_bench_cuda_rows_run_with_cuda_events_faked(monkeypatch, tmp_path):
     """benchmarks/bench_cuda.py runs once on the GPU with no second chance: its row code (every
     column, the float64 error reference, the host-bound mark) runs here on CPU tensors."""
     from aqlm_lora import ops
@@ -345,17 +345,61 @@ def test_bench_cuda_rows_run_with_cuda_events_faked(monkeypatch):
 
     spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "benchmarks" / "bench_cuda.py")
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_cuda", bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     weight, lora_A, lora_B = bench.make_weight(64, 128, parse_scheme("2x8"), torch.device("cpu"))
     dense = ops.dequantize(*weight.args())
     notes: list[str] = []
-    rows = [bench.measure_row(ops, weight, (lora_A, lora_B), dense, None, n, 0.002, "t", notes) for n in (1, 12)]
+    timer = bench.time_eager_us  # CUDA graphs need a GPU
+    rows = [bench.measure_row(ops, weight, (lora_A, lora_B), dense, None, n, 0.002, "t", notes, timer) for n in (1, 12)]
     for row in rows:
-        cells = dict(zip(bench.HEADER, row))
-        assert len(row) == len(bench.HEADER) and cells["aqlm us"] == "n/a", cells
+        cells = dict(zip(bench.HEADER, row.cells()))
+        assert len(row.cells()) == len(bench.HEADER) and cells["aqlm us"] == "n/a", cells
         err_ours, err_dense = (float(v) for v in cells["err ours / dense"].split(" / "))
         assert err_ours < 1e-2 and err_dense < 1e-2, cells
         assert re.fullmatch(r"[\d,.]+\*?", cells["ours us"]) and cells["ours/dense"].endswith("x"), cells
-    assert "| 64x128 | 2x8 g8 | 12 |" in bench.render(rows, ["m"], notes)
+        assert re.fullmatch(r"[\d,.]+\*?", cells["dq+mm us"]) and cells["ours/dq+mm"].endswith("x"), cells
+    checks = bench.verdicts(rows, []) + bench.thresholds(rows)
+    assert checks[0].startswith("n/a decode N=1, ours <= 0.8x aqlm"), checks  # no aqlm column
+    assert all(re.match(r"(PASS|FAIL|n/a) ", c) for c in checks[:-1]), checks
+    assert checks[-1].startswith("decode/prefill threshold 64x128 2x8 g8: decode kernels faster at N in "), checks
+    text = bench.render(rows, ["m"], notes, verdicts=checks)
+    assert "| 64x128 | 2x8 g8 | 12 |" in text and "## Targets" in text
+    bench.write_csv(tmp_path / "b.csv", rows, [])
+    assert (tmp_path / "b.csv").read_text().count("64x128") == 2
+
+
+def test_bench_cuda_training_table_runs_with_cuda_memory_faked(monkeypatch, tmp_path):
+    """The bf16 training table (our layer vs PEFT's dense LoRA layer, time and peak memory) and its
+    targets run here on CPU tensors, CUDA's events and memory counters faked."""
+    from aqlm_lora import ops
+    from aqlm_lora.scheme import parse_scheme
+
+    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "benchmarks" / "bench_cuda.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_cuda", bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    peaks = iter([3 << 20, 8 << 20])  # ours, then dense
+    for name, value in [
+        ("synchronize", None),
+        ("empty_cache", None),
+        ("reset_peak_memory_stats", None),
+        ("memory_allocated", 1 << 20),
+    ]:
+        monkeypatch.setattr(torch.cuda, name, lambda *args, _v=value, **kwargs: _v)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: next(peaks) + (1 << 20))
+    notes: list[str] = []
+    row = bench.measure_training(ops, 64, 128, parse_scheme("2x8"), 16, 0.002, notes, torch.device("cpu"))
+    assert row.impl == "AqlmLoraLinear" and not notes, notes
+    assert (row.ours_peak, row.dense_peak) == (3 << 20, 8 << 20)
+    cells = dict(zip(bench.TRAIN_HEADER, bench.train_cells(row)))
+    assert cells["peak ours/dense"] == "0.38x" and cells["time ours/dense"].endswith("x"), cells
+    lines = bench.verdicts([], [row])
+    assert (
+        lines[-1]
+        == "PASS training step N=16 bf16, peak memory <= 0.5x dense PEFT LoRA: 1/1 pass; worst 64x128 2x8 g8: 0.38x"
+    )
+    assert "## Training step, bf16, N = 16" in bench.render([], ["m"], notes, [row], lines)

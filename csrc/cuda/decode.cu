@@ -14,8 +14,10 @@
 //                           float32 (2x8 g8: 16 KiB), when they fit; else the global kernel.
 //   gemv_generic_kernel     any num_codebooks / nbits / out_group / in_group: lanes walk columns.
 //
-// lora_shrink_kernel computes xa = dropout(x) A^T (float32, one warp per (token, rank) pair),
+// lora_shrink_kernel computes xa = dropout(x) A^T (float32, one block per (token, rank) pair),
 // regenerating the Philox mask on the fly; the GEMV epilogue then adds s * xa . lora_B[row].
+#include <cstdlib>
+
 #include "common/dropout.h"
 #include "common/philox.h"
 #include "kernels.cuh"
@@ -216,31 +218,59 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_generic_kernel(const GemvAr
   });
 }
 
-// xa[n, j] = sum_k (x[n, k] * keep(n*in + k) / (1 - p)) * A[j, k]; one warp per (n, j). Written as
+// xa[n, j] = sum_k (x[n, k] * keep(n*in + k) / (1 - p)) * A[j, k]; one block per (n, j). Written as
 // float32 (for the GEMV epilogue) and, when xa_out is given, also in lora_A's dtype (the op's output).
+// A block, not a warp, per pair: at N = 1 there are only r pairs, and r warps each streaming all of
+// `in` left the GPU nearly idle (latency-bound). The sum order is fixed (thread-strided partials,
+// then warp, then block), so results do not depend on the grid size.
 template <typename a_t>
 __global__ void __launch_bounds__(kGemvThreads)
     lora_shrink_kernel(const float* __restrict__ x, int64_t n_tokens, int64_t in_features,
                        const a_t* __restrict__ lora_A, int64_t rank, float* __restrict__ xa, void* xa_out,
                        FloatKind xa_out_kind, bool dropout,
                        float p, float one_minus_p, uint64_t seed, uint64_t offset) {
-  const int lane = threadIdx.x & 31;
-  for (int64_t t = global_warp(); t < n_tokens * rank; t += warp_count()) {
+  __shared__ float warp_partial[kWarpsPerBlock];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t t = blockIdx.x; t < n_tokens * rank; t += gridDim.x) {  // uniform over the block
     const int64_t n = div_nonneg(t, rank);
     const int64_t j = t - n * rank;
     float acc = 0.f;
-    for (int64_t k = lane; k < in_features; k += 32) {
+    for (int64_t k = threadIdx.x; k < in_features; k += kGemvThreads) {
       const int64_t index = n * in_features + k;  // row-major position in the [N, in] input
       float xv = x[index];
       if (dropout) xv = dropout_scaled(xv, dropout_keep(seed, offset, static_cast<uint64_t>(index), p), one_minus_p);
       acc = fmaf(xv, static_cast<float>(lora_A[j * in_features + k]), acc);
     }
     acc = warp_sum(acc);
-    if (lane == 0) {
-      xa[t] = acc;
-      if (xa_out != nullptr) store_from_float(xa_out, t, acc, xa_out_kind);
+    if (lane == 0) warp_partial[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+      float v = lane < kWarpsPerBlock ? warp_partial[lane] : 0.f;
+      v = warp_sum(v);
+      if (lane == 0) {
+        xa[t] = v;
+        if (xa_out != nullptr) store_from_float(xa_out, t, v, xa_out_kind);
+      }
     }
+    __syncthreads();  // warp_partial is rewritten by the next pair
   }
+}
+
+// Blocks per SM of the GEMV grids: AQLM_LORA_CUDA_GEMV_BLOCKS_PER_SM (read once per process; a
+// positive integer) overrides each kernel's default. Every row is computed the same way by whichever
+// warp takes it (grid-stride), so the knob changes speed, never results; it exists so that the
+// default can be measured (scripts/gpu/gemv_grid_sweep.py).
+int64_t gemv_blocks_per_sm(int64_t default_value) {
+  static const int64_t forced = [] {
+    const char* text = std::getenv("AQLM_LORA_CUDA_GEMV_BLOCKS_PER_SM");
+    if (text == nullptr || *text == '\0') return int64_t{0};
+    char* end = nullptr;
+    const long long v = std::strtoll(text, &end, 10);
+    TORCH_CHECK(*end == '\0' && v > 0 && v <= 1024,
+                "AQLM_LORA_CUDA_GEMV_BLOCKS_PER_SM must be an integer in [1, 1024], got '", text, "'");
+    return static_cast<int64_t>(v);
+  }();
+  return forced > 0 ? forced : default_value;
 }
 
 template <typename F>
@@ -290,7 +320,7 @@ void lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p
   TORCH_INTERNAL_ASSERT(!second || (xa_out.is_contiguous() && xa_out.sizes() == xa.sizes()));
   const int64_t n_tokens = x.size(0), in_features = x.size(1), rank = lora_A.size(0);
   if (n_tokens * rank == 0) return;
-  const unsigned grid = grid_for(n_tokens * rank, kWarpsPerBlock, 8);
+  const unsigned grid = grid_for(n_tokens * rank, /*per_block=*/1, 8);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool dropout = dropout_p > 0.0;
   dispatch_float</*kWithDouble=*/false>(lora_A.scalar_type(), "lora_A", [&](auto tag) {
@@ -377,17 +407,17 @@ void decode_gemv(Kernel kernel, const at::Tensor& x, const WeightRef& w, const a
                                                 static_cast<int>(smem_bytes)));
           }
           // Fewer blocks than rows / 8: each block stages the codebooks once for several rows.
-          const unsigned grid = grid_for(rows, kWarpsPerBlock, 2);
+          const unsigned grid = grid_for(rows, kWarpsPerBlock, gemv_blocks_per_sm(2));
           smem_kernel<<<grid, kGemvThreads, static_cast<size_t>(smem_bytes), stream>>>(a);
         } else if (kernel == Kernel::kGemvGlobalIg8) {
-          const unsigned grid = grid_for(rows, kWarpsPerBlock, 8);
+          const unsigned grid = grid_for(rows, kWarpsPerBlock, gemv_blocks_per_sm(8));
           if (d.num_codebooks == 1) {
             gemv_ig8_global_kernel<cb_t, code_t, NT, true><<<grid, kGemvThreads, 0, stream>>>(a);
           } else {
             gemv_ig8_global_kernel<cb_t, code_t, NT, false><<<grid, kGemvThreads, 0, stream>>>(a);
           }
         } else {
-          const unsigned grid = grid_for(rows, kWarpsPerBlock, 8);
+          const unsigned grid = grid_for(rows, kWarpsPerBlock, gemv_blocks_per_sm(8));
           gemv_generic_kernel<cb_t, code_t, NT><<<grid, kGemvThreads, 0, stream>>>(a);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
