@@ -450,9 +450,10 @@ def measure_training(
     n: int,
     budget: float,
     notes: list[str],
-    device: torch.device = torch.device("cuda"),
+    device: Optional[torch.device] = None,
 ) -> TrainRow:
     """bf16 forward + backward (grads for x, lora_A, lora_B): our layer vs PEFT's dense LoRA layer."""
+    device = device or torch.device("cuda")
     bf16 = dict(device=device, dtype=torch.bfloat16)
     weight, lora_A, lora_B = make_weight(out_features, in_features, scheme, device, torch.bfloat16)
     with torch.no_grad():
@@ -782,9 +783,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             for n in tokens:
                 label = f"{out_features}x{in_features} {scheme} N={n}"
                 log(label)
-                rows.append(
-                    measure_row(ops, weight, (lora_A, lora_B), dense_w, aqlm_layer, n, args.budget, label, notes, timer)
-                )
+                try:
+                    rows.append(
+                        measure_row(
+                            ops, weight, (lora_A, lora_B), dense_w, aqlm_layer, n, args.budget, label, notes, timer
+                        )
+                    )
+                except Exception as err:  # noqa: BLE001 - one failed row must not lose the table
+                    notes.append(f"{label} failed: {first_line(err)}")
+                    log(notes[-1])
                 out_path.write_text(render(rows, meta, notes))
             del weight, dense_w, aqlm_layer
             torch.cuda.empty_cache()
