@@ -42,7 +42,8 @@
 #
 # Knobs (defaults are for the GPU box): PYTHON, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST,
 # DEADLINE_S, GPU_CHECK_SKIP_BUILD, GPU_CHECK_PYTEST_FILES, GPU_CHECK_PYTEST_K, GPU_CHECK_PYTEST_CAP_S,
-# GPU_CHECK_BENCH_BUDGET (seconds per benchmark cell, default 0.05),
+# GPU_CHECK_BENCH_BUDGET (seconds per benchmark cell, default 0.05), GPU_CHECK_BENCH_ARGS (more
+# arguments for bench_cuda.py, e.g. "--tokens 1,8,4096"), GPU_CHECK_BENCH_AQLM=0 (no aqlm column),
 # GPU_CHECK_PYTEST_WORKERS (pytest-xdist processes when it is installed; default 6 on cuda, 0 on cpu),
 # GPU_CHECK_SMOKE_ARGS. Exit 0 PASSED, 1 FAILED, 3 INCOMPLETE (pytest stopped at its time cap with no
 # failure before it: rerun with a larger DEADLINE_S, or fewer GPU_CHECK_PYTEST_FILES).
@@ -270,9 +271,12 @@ if [ "$DEVICE" = cuda ]; then
   # With aqlm importable, one run with its JIT-compiled CUDA kernels as a column; without it (or if
   # that run fails before its table is complete), one without.
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_torch_ext.XXXXXX")}
-  BENCH_ARGS=(--budget "${GPU_CHECK_BENCH_BUDGET:-0.05}" --out "$OUT/bench_cuda.md")
+  # shellcheck disable=SC2206  # GPU_CHECK_BENCH_ARGS is a list of words
+  BENCH_ARGS=(--budget "${GPU_CHECK_BENCH_BUDGET:-0.05}" --out "$OUT/bench_cuda.md" ${GPU_CHECK_BENCH_ARGS:-})
   bench_ok=0
-  if "$PY" -c "import aqlm" 2>/dev/null; then
+  if [ "${GPU_CHECK_BENCH_AQLM:-1}" = 0 ]; then
+    S_BENCH="aqlm column not asked for (GPU_CHECK_BENCH_AQLM=0)"
+  elif "$PY" -c "import aqlm" 2>/dev/null; then
     say "5. benchmarks/bench_cuda.py with aqlm's CUDA kernels (log: bench.log; $(left) s left)"
     MAX_JOBS=$JOBS TORCH_CUDA_ARCH_LIST=$ARCH timeout -k 10 "$(cap 300 90)" \
       "$PY" benchmarks/bench_cuda.py "${BENCH_ARGS[@]}" >"$OUT/bench.log" 2>&1
@@ -297,8 +301,8 @@ if [ "$DEVICE" = cuda ]; then
       say "grid sweep did not complete"
   fi
   if command -v ncu >/dev/null 2>&1 && (( $(left) > 45 )); then
-    say "5c. ncu on the N=1 decode kernels (log: ncu.txt)"
-    timeout -k 10 "$(cap 120 5)" ncu --clock-control none -k regex:'gemv|lora_shrink' --section SpeedOfLight \
+    say "5c. ncu on the N=1 decode kernels and dequantize (log: ncu.txt)"
+    timeout -k 10 "$(cap 120 5)" ncu --clock-control none -k regex:'gemv|lora_shrink|dequant' --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       "$PY" scripts/gpu/ncu_probe.py >"$OUT/ncu.txt" 2>&1 || say "ncu did not complete (see ncu.txt)"
   fi

@@ -5,11 +5,11 @@ grid sizes, to choose the default blocks per SM of csrc/cuda/decode.cu's GEMV la
     python scripts/gpu/gemv_grid_sweep.py --values 0,1,4,8,16 --out sweep.md
 
 Each value runs in its own process with AQLM_LORA_CUDA_GEMV_BLOCKS_PER_SM set (0: the build's
-defaults, 2 blocks per SM for the shared-memory kernel, 8 for the others); the library reads it once
-per process. Times are CUDA-graph replays (benchmarks/bench_cuda.py ``time_graph_us``), fp16, the
-same random weights as the benchmark. The grid never changes results (every row is computed by one
-warp the same way whichever warp takes it), only speed. Prints a markdown table, the fastest value
-per row in bold, and writes it to ``--out``. Without a GPU it says so and exits 0.
+defaults: as many blocks per SM as are resident for the shared-memory kernel, 8 for the others);
+the library reads it once per process. Times are CUDA-graph replays (benchmarks/bench_cuda.py
+``time_graph_us``), fp16, the same random weights as the benchmark. The grid never changes results
+(every row is computed by one warp the same way whichever warp takes it), only speed. Prints a
+markdown table, the fastest value per row in bold, and writes it to ``--out``. Without a GPU it says so and exits 0.
 """
 
 from __future__ import annotations

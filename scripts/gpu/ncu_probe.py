@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """A few decode-kernel launches for Nsight Compute to profile (what bounds them at N = 1):
 
-    ncu --clock-control none -k regex:'gemv|lora_shrink' --section SpeedOfLight --section Occupancy \\
+    ncu --clock-control none -k regex:'gemv|lora_shrink|dequant' --section SpeedOfLight --section Occupancy \\
         --section LaunchStats python scripts/gpu/ncu_probe.py
 
-One ``aqlm_gemm`` (the GEMV kernel) and one ``lora_forward`` (lora_shrink, then the GEMV with the LoRA
-epilogue) at N = 1 in fp16, per case: 4096x4096 1x16 (codebooks gathered from global memory/L2),
-4096x4096 2x8 (codebooks staged in shared memory) and 8192x28672 2x8. Without a GPU it exits 0.
+One ``aqlm_gemm`` (the GEMV kernel), one ``lora_forward`` (lora_shrink, then the GEMV with the LoRA
+epilogue) at N = 1 and one ``dequantize`` (the tiled path's kernel), in fp16, per case: 4096x4096
+1x16 (codebooks gathered from global memory/L2), 4096x4096 2x8 (codebooks staged in shared memory)
+and 8192x28672 2x8. Without a GPU it exits 0.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> int:
         with torch.no_grad():
             ops.aqlm_gemm(x, *w.args(), None)
             ops.lora_forward(x, *w.args(), None, a, b, None, 2.0, 0.0, 0, 0)
+            ops.dequantize(*w.args())  # the kernel behind every N above the decode threshold
         torch.cuda.synchronize()
         print(f"ncu_probe: {out_features}x{in_features} {scheme} N=1 done", flush=True)
     return 0
