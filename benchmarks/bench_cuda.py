@@ -6,9 +6,10 @@ Run on a machine with a GPU, from the repository root, after building the extens
     python benchmarks/bench_cuda.py --shapes 4096x4096 --schemes 2x8 --tokens 1,16 --no-aqlm
 
 Rows: shapes (out x in) 4096x4096, 11008x4096, 4096x11008 and 8192x28672, schemes 1x16 g8 and 2x8
-g8, tokens N = 1, 2, 4, 8 (the decode kernels: N <= 8), 12, 16, 64 (just past it: where a cliff
-would show), 256, 1024, 4096; everything fp16 (codebooks, scales, activations, LoRA factors). Random codes over the
-whole int16/int8 range, randn codebooks, so the numbers are about speed, not model quality.
+g8, tokens N = 1, 2 (the decode kernels: N <= DECODE_MAX_ROWS), 3, 4, 6, 8, 12, 16, 32, 64 (past
+it: where a cliff would show), 256, 1024, 4096; everything fp16 (codebooks, scales, activations,
+LoRA factors). Random codes over the whole int16/int8 range, randn codebooks, so the numbers are
+about speed, not model quality.
 
 Columns (times in microseconds per call):
 - dense: ``F.linear(x, W)`` with W = our dequantized weight in fp16 (cuBLAS);
@@ -538,7 +539,7 @@ def measure_training(
     )
 
 
-DECODE_MAX_ROWS = 8  # csrc/cuda/kernels.cuh kDecodeMaxRows: "ours" runs the decode kernels up to this N
+DECODE_MAX_ROWS = 2  # csrc/cuda/kernels.cuh kDecodeMaxRows: "ours" runs the decode kernels up to this N
 
 
 def verdict(name: str, checks: list[tuple[str, Optional[float]]], limit: float, unit: str = "x") -> str:

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Smoke:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="device to test (default cuda; cpu runs the same comparisons)")
-    p.add_argument("--tokens", default="1,5,8,9,40", help="token counts N per scheme (decode is N <= 8)")
+    p.add_argument("--tokens", default="1,2,5,8,40", help="token counts N per scheme (decode is N <= 2)")
     p.add_argument(
         "--index-limit",
         type=int,

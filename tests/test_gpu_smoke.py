@@ -93,6 +93,12 @@ def test_gemv_branch_rule_matches_gemv_cu():
     assert re.search(r"d\.nbits <= 8 && smem_fits", src)
     assert re.search(r"d\.in_group [!=]= 8", src)
     assert "constexpr int64_t kDefaultSmem = 48 * 1024" in src
+    kernels = (ROOT / "csrc" / "cuda" / "kernels.cuh").read_text()
+    assert f"constexpr int64_t kDecodeMaxRows = {cases.DECODE_MAX_ROWS};" in kernels  # smoke and bench mirror it
+    bench = (ROOT / "benchmarks" / "bench_cuda.py").read_text()
+    assert re.search(rf"^DECODE_MAX_ROWS = {cases.DECODE_MAX_ROWS}\b", bench, re.M)
+    assert any(n <= cases.DECODE_MAX_ROWS for _, n in cases.STREAM_CASES)
+    assert any(n > cases.DECODE_MAX_ROWS for _, n in cases.STREAM_CASES)
     assert cases.expected_gemv_kernel(Scheme(8, 8), 232448) == "gemv_ig8_smem_kernel"
     assert cases.expected_gemv_kernel(Scheme(2, 8, out_group_size=16), 232448) == "gemv_ig8_global_kernel"
     assert cases.expected_gemv_kernel(Scheme(1, 16), 232448) == "gemv_ig8_global_kernel"
@@ -249,7 +255,7 @@ def test_stream_and_branch_sections_run_with_cuda_mocked(monkeypatch):
     s = _session(lines)
     checks.check_streams(s)
     assert not s.failures, s.failures
-    assert s.checks == 4 * 10 * 2, s.checks  # 4 stream cases x every_op's 10 outputs x 2 comparisons
+    assert s.checks == 5 * 10 * 2, s.checks  # 5 stream cases x every_op's 10 outputs x 2 comparisons
     checks.check_branches(s)  # no CUDA kernels to see here: warnings only, never failures
     assert not s.failures, s.failures
 

@@ -174,43 +174,23 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_ig8_smem_kernel(const GemvA
   for (int64_t e = threadIdx.x; e < book_elems; e += blockDim.x) books[e] = static_cast<float>(cb[e]);
   __syncthreads();
 
-  constexpr int kUnroll = 4;  // in-groups per lane in flight: the code loads' latency, not the
-                              // shared-memory lookups, bounded this kernel (one load chain per group)
   const int lane = threadIdx.x & 31;
   const int64_t C = a.num_codebooks;
   for_each_warp_row<NT, code_t>(a, C, [&](const code_t* crow, int64_t sub, float inside, float (&acc)[NT]) {
-    // Groups i0, i0 + 32, ... as in a plain stride-32 loop, so each lane sums in the same order.
-    for (int64_t i0 = lane; i0 < a.in_groups; i0 += 32 * kUnroll) {
-      float w[kUnroll][8];
+    for (int64_t i = lane; i < a.in_groups; i += 32) {
+      float w[8];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int b = 0; b < 8; ++b) w[u][b] = 0.f;
-      }
+      for (int b = 0; b < 8; ++b) w[b] = 0.f;
       for (int64_t c = 0; c < C; ++c) {
-        uint32_t idx[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t i = i0 + u * 32;
-          // Out-of-range groups read codebook row 0 (a valid address) and are never used.
-          idx[u] = i < a.in_groups ? code_index(crow[i * C + c], a.mask) : 0u;
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const float4* src =
-              reinterpret_cast<const float4*>(books + ((c * a.codebook_size + idx[u]) * a.out_group + sub) * 8);
-          const float4 lo = src[0], hi = src[1];
-          w[u][0] += lo.x; w[u][1] += lo.y; w[u][2] += lo.z; w[u][3] += lo.w;
-          w[u][4] += hi.x; w[u][5] += hi.y; w[u][6] += hi.z; w[u][7] += hi.w;
-        }
+        const uint32_t idx = code_index(crow[i * C + c], a.mask);
+        const float4* src = reinterpret_cast<const float4*>(books + ((c * a.codebook_size + idx) * a.out_group + sub) * 8);
+        const float4 lo = src[0], hi = src[1];
+        w[0] += lo.x; w[1] += lo.y; w[2] += lo.z; w[3] += lo.w;
+        w[4] += hi.x; w[5] += hi.y; w[6] += hi.z; w[7] += hi.w;
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = i0 + u * 32;
-#pragma unroll
-        for (int b = 0; b < 8; ++b) w[u][b] *= inside;
-        if (i < a.in_groups) fma_tokens8<NT>(a, i, w[u], acc);
-      }
+      for (int b = 0; b < 8; ++b) w[b] *= inside;
+      fma_tokens8<NT>(a, i, w, acc);
     }
   });
 }
@@ -277,8 +257,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 }
 
 // Blocks per SM of the GEMV grids: AQLM_LORA_CUDA_GEMV_BLOCKS_PER_SM (read once per process; a
-// positive integer) overrides each kernel's default (the shared-memory kernel: as many as are
-// resident at once; the others: 8). Every row is computed the same way by whichever
+// positive integer) overrides each kernel's default. Every row is computed the same way by whichever
 // warp takes it (grid-stride), so the knob changes speed, never results; it exists so that the
 // default can be measured (scripts/gpu/gemv_grid_sweep.py).
 int64_t gemv_blocks_per_sm(int64_t default_value) {
@@ -313,10 +292,11 @@ int64_t gemv_shared_bytes(const AqlmDims& d) {
 // Which kernel runs x @ W^T (+ LoRA) on CUDA; N = rows of x:
 //
 //   N, dtypes                                             | scheme                              | kernel
-//   N = 0 or N > 8, x or codebooks float64, LoRA float64  | any                                 | kTiledGemm
-//   1 <= N <= 8                                           | ig 8, B <= 8, codebooks fit opt-in  | kGemvSharedIg8
-//   1 <= N <= 8                                           | ig 8 (other)                        | kGemvGlobalIg8
-//   1 <= N <= 8                                           | ig != 8                             | kGemvGeneric
+//   N = 0 or N > 2, x or codebooks float64, LoRA float64  | any                                 | kTiledGemm
+//   1 <= N <= 2                                           | ig 8, B <= 8, codebooks fit opt-in  | kGemvSharedIg8
+//   1 <= N <= 2                                           | ig 8 (other)                        | kGemvGlobalIg8
+//   1 <= N <= 2                                           | ig != 8                             | kGemvGeneric
+// (N <= kDecodeMaxRows, kernels.cuh: 2 as measured; the kernels themselves take up to 8 tokens.)
 //
 // "Fit opt-in": C * 2**B * og * 8 floats <= the device's opt-in shared memory per block (above 48
 // KiB the kernel opts in). ig-8 kernels also need 16-byte aligned codebooks (copied if not).
@@ -427,13 +407,10 @@ void decode_gemv(Kernel kernel, const at::Tensor& x, const WeightRef& w, const a
             C10_CUDA_CHECK(cudaFuncSetAttribute(smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(smem_bytes)));
           }
-          // One full wave: as many blocks per SM as can be resident (each stages the codebooks once
-          // for its rows). A fixed 2 left the SMs at 23% occupancy on an H200; more blocks than fit
-          // would start a second, partial wave (scripts/gpu/gemv_grid_sweep.py measures the choice).
-          int resident = 0;
-          C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, smem_kernel, kGemvThreads,
-                                                                      static_cast<size_t>(smem_bytes)));
-          const unsigned grid = grid_for(rows, kWarpsPerBlock, gemv_blocks_per_sm(std::max(resident, 1)));
+          // At most 4 blocks per SM, each staging the codebooks once for its rows: 2 left an H200's
+          // SMs at 23% occupancy (ncu); 4, 8 and 16 measured alike and 10-25% faster than 2
+          // (scripts/gpu/gemv_grid_sweep.py, benchmarks/results/gpu/run2/sweep.md).
+          const unsigned grid = grid_for(rows, kWarpsPerBlock, gemv_blocks_per_sm(4));
           smem_kernel<<<grid, kGemvThreads, static_cast<size_t>(smem_bytes), stream>>>(a);
         } else if (kernel == Kernel::kGemvGlobalIg8) {
           const unsigned grid = grid_for(rows, kWarpsPerBlock, gemv_blocks_per_sm(8));

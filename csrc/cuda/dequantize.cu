@@ -4,9 +4,8 @@
 //   W[o*og + a, i*ig + b] = scales[o] * sum_c codebooks[c, codes[o, i, c] mod 2**nbits, a, b]
 //
 // One thread per (row, in-group) of the block: it reads the C codes of that group once and writes
-// in_group consecutive elements (one 16-byte store when in_group = 8 and the tile is 16-bit; then
-// each thread has 4 such items in flight). Adjacent threads take adjacent in-groups of the same
-// row, so code reads and tile writes coalesce.
+// in_group consecutive elements (one 16-byte store when in_group = 8 and the tile is 16-bit).
+// Adjacent threads take adjacent in-groups of the same row, so code reads and tile writes coalesce.
 #include "kernels.cuh"
 
 namespace aqlm_lora {
@@ -44,78 +43,15 @@ __device__ __forceinline__ void store8(out_t* dst, const acc_t (&w)[8], acc_t s)
   }
 }
 
-// in_group 8 (vector loads and stores; needs 16-byte aligned codebooks and tile). Each thread takes
-// kUnroll items (t, t + stride, ...) at once and issues all their code loads, then all their codebook
-// gathers, then all their stores: one item at a time left each thread waiting on one load chain
-// after another (latency-bound at about half the bandwidth on an H200). Every item is computed as
-// before (the same sum over codebooks, then the scale), so results do not change.
-template <typename cb_t, typename code_t, typename out_t>
-__global__ void __launch_bounds__(kThreads)
-    dequant_tile_ig8_kernel(const code_t* __restrict__ codes, const cb_t* __restrict__ codebooks,
-                            const acc_type_t<cb_t, out_t>* __restrict__ scales, out_t* __restrict__ tile,
-                            const DequantArgs a) {
-  using acc_t = acc_type_t<cb_t, out_t>;
-  constexpr int kUnroll = 4;
-  const int64_t ld = a.ngroups * 8;
-  const int64_t total = a.nrows * a.ngroups;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t0 < total;
-       t0 += stride * kUnroll) {
-    const code_t* cp[kUnroll];
-    int64_t o[kUnroll], sub[kUnroll], off[kUnroll];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t t = t0 + u * stride;
-      valid[u] = t < total;
-      const int64_t tt = valid[u] ? t : t0;  // a spare item repeats t0 (valid addresses) and is not stored
-      const int64_t rr = div_nonneg(tt, a.ngroups);
-      const int64_t gi = tt - rr * a.ngroups;
-      const int64_t row = a.row0 + rr;
-      o[u] = a.out_group == 1 ? row : div_nonneg(row, a.out_group);
-      sub[u] = row - o[u] * a.out_group;  // row inside the output group
-      cp[u] = codes + (o[u] * a.in_groups + a.group0 + gi) * a.num_codebooks;
-      off[u] = rr * ld + gi * 8;
-    }
-    acc_t w[kUnroll][8];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int b = 0; b < 8; ++b) w[u][b] = acc_t(0);
-    }
-    for (int64_t c = 0; c < a.num_codebooks; ++c) {
-      int64_t idx[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) idx[u] = code_index(cp[u][c], a.mask);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const cb_t* src = codebooks + ((c * a.codebook_size + idx[u]) * a.out_group + sub[u]) * 8;
-        if constexpr (std::is_same<acc_t, float>::value) {
-          float v[8];
-          load8_ldg(src, v);
-#pragma unroll
-          for (int b = 0; b < 8; ++b) w[u][b] += v[b];
-        } else {
-#pragma unroll
-          for (int b = 0; b < 8; ++b) w[u][b] += static_cast<acc_t>(src[b]);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (valid[u]) store8(tile + off[u], w[u], scales[o[u]]);
-    }
-  }
-}
-
-// Any in_group: scalar loads and stores, one item per thread pass.
-template <typename cb_t, typename code_t, typename out_t>
+// kIG = 8: in_group fixed at 8 (vector loads/stores; needs 16-byte aligned codebooks and tile).
+// kIG = 0: any in_group, scalar loads and stores.
+template <typename cb_t, typename code_t, typename out_t, int kIG>
 __global__ void __launch_bounds__(kThreads)
     dequant_tile_kernel(const code_t* __restrict__ codes, const cb_t* __restrict__ codebooks,
                         const acc_type_t<cb_t, out_t>* __restrict__ scales, out_t* __restrict__ tile,
                         const DequantArgs a) {
   using acc_t = acc_type_t<cb_t, out_t>;
-  const int64_t ig = a.in_group;
+  const int64_t ig = kIG > 0 ? kIG : a.in_group;
   const int64_t ld = a.ngroups * ig;
   const int64_t total = a.nrows * a.ngroups;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -128,13 +64,33 @@ __global__ void __launch_bounds__(kThreads)
     const code_t* cp = codes + (o * a.in_groups + a.group0 + gi) * a.num_codebooks;
     const acc_t s = scales[o];
     out_t* dst = tile + rr * ld + gi * ig;
-    for (int64_t b = 0; b < ig; ++b) {
-      acc_t w = acc_t(0);
+    if constexpr (kIG == 8) {
+      acc_t w[8];
+#pragma unroll
+      for (int b = 0; b < 8; ++b) w[b] = acc_t(0);
       for (int64_t c = 0; c < a.num_codebooks; ++c) {
         const int64_t idx = code_index(cp[c], a.mask);
-        w += static_cast<acc_t>(codebooks[((c * a.codebook_size + idx) * a.out_group + sub) * ig + b]);
+        const cb_t* src = codebooks + ((c * a.codebook_size + idx) * a.out_group + sub) * 8;
+        if constexpr (std::is_same<acc_t, float>::value) {
+          float v[8];
+          load8_ldg(src, v);
+#pragma unroll
+          for (int b = 0; b < 8; ++b) w[b] += v[b];
+        } else {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) w[b] += static_cast<acc_t>(src[b]);
+        }
       }
-      dst[b] = to_out<out_t>(w * s);
+      store8(dst, w, s);
+    } else {
+      for (int64_t b = 0; b < ig; ++b) {
+        acc_t w = acc_t(0);
+        for (int64_t c = 0; c < a.num_codebooks; ++c) {
+          const int64_t idx = code_index(cp[c], a.mask);
+          w += static_cast<acc_t>(codebooks[((c * a.codebook_size + idx) * a.out_group + sub) * ig + b]);
+        }
+        dst[b] = to_out<out_t>(w * s);
+      }
     }
   }
 }
@@ -152,12 +108,10 @@ void dequantize_tile(const WeightRef& w, int64_t row0, int64_t nrows, int64_t gr
 
   const DequantArgs args{row0,        nrows,           group0,      ngroups,    d.in_groups,
                          d.num_codebooks, d.codebook_size, d.out_group, d.in_group, w.code_mask()};
+  const unsigned grid = grid_for(total, kThreads, 16);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool vec8 = d.in_group == 8 && reinterpret_cast<uintptr_t>(tile.data_ptr()) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(w.codebooks.data_ptr()) % 16 == 0;
-  // The ig-8 kernel's threads take 4 items a pass: size the grid so that small tiles give each
-  // thread 4 (not 1 and 3 spares).
-  const unsigned grid = grid_for(vec8 ? (total + 3) / 4 : total, kThreads, 16);
 
   dispatch_float(w.codebooks.scalar_type(), "codebooks", [&](auto cb_tag) {
     using cb_t = decltype(cb_tag);
@@ -173,9 +127,9 @@ void dequantize_tile(const WeightRef& w, int64_t row0, int64_t nrows, int64_t gr
         const acc_t* sc = scales.data_ptr<acc_t>();
         out_t* out = tile.data_ptr<out_t>();
         if (vec8) {
-          dequant_tile_ig8_kernel<cb_t, code_t, out_t><<<grid, kThreads, 0, stream>>>(codes, cb, sc, out, args);
+          dequant_tile_kernel<cb_t, code_t, out_t, 8><<<grid, kThreads, 0, stream>>>(codes, cb, sc, out, args);
         } else {
-          dequant_tile_kernel<cb_t, code_t, out_t><<<grid, kThreads, 0, stream>>>(codes, cb, sc, out, args);
+          dequant_tile_kernel<cb_t, code_t, out_t, 0><<<grid, kThreads, 0, stream>>>(codes, cb, sc, out, args);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -21,9 +21,11 @@ void dequantize_tile(const WeightRef& w, int64_t row0, int64_t nrows, int64_t gr
 
 // ---- decode.cu ------------------------------------------------------------------------------------
 // Up to this many tokens use the decode GEMV kernels (which read each code once for all tokens);
-// more use dequantized tiles + cuBLAS. NOT YET MEASURED ON HARDWARE: 8 is a guess from the
-// design notes (decode is 1-8 tokens per call); tune it with benchmarks/bench_cuda.py.
-constexpr int64_t kDecodeMaxRows = 8;
+// more use dequantized tiles + cuBLAS. Measured on an H200 (benchmarks/results/gpu/run2): the GEMV
+// kernels' time grows with N (x is re-read per row), so at N = 1 they beat dequantize + cuBLAS on
+// every shape and scheme (0.53-0.86x), at N = 2 they are within 0.89-1.08x of it (1x16) and
+// 0.99-1.21x (2x8), and from N = 3 they lose on all but one shape (up to 2.8x at N = 8).
+constexpr int64_t kDecodeMaxRows = 2;
 
 // The kernel that computes x @ W^T (+ LoRA) for one call; the table is choose_kernel's comment in
 // decode.cu (and ARCHITECTURE.md).

@@ -15,6 +15,7 @@ from aqlm_lora.scheme import Scheme
 # order, which stays within a few units in the last place of the output dtype. The one table of
 # the GPU check; the test suite's own bounds are in tests/support/tolerances.py.
 TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float64: 1e-10}
+DECODE_MAX_ROWS = 2  # csrc/cuda/kernels.cuh kDecodeMaxRows: the decode kernels run for 1 <= N <= this
 DEFAULT_SMEM = 48 * 1024  # bytes of dynamic shared memory a kernel gets without opting in
 BOOK_ROW_BYTES_8BIT = 256 * 8 * 4  # one 8-bit codebook of in_group 8, staged as float32
 # Off CUDA (the dry run, the tests) the H100/H200 value stands in for the device's.
@@ -93,8 +94,9 @@ def decode_schemes(optin: int) -> list[DecodeCase]:
 SMALL_MASKS = [((7, 129), 0, 0, 0.5), ((3, 5, 11), 2**40 + 17, 3, 0.1), ((1000,), 2**62 - 1, 2**33 + 5, 0.9)]
 # (scheme, tokens) run on a non-default CUDA stream: decode and tiled paths, the generic kernel.
 STREAM_CASES = [
-    (Scheme(2, 8), 3),
-    (Scheme(1, 16), 5),
+    (Scheme(2, 8), 2),
+    (Scheme(1, 16), 1),
     (Scheme(3, 5, in_group_size=4, out_group_size=2), 2),
+    (Scheme(1, 16), 5),
     (Scheme(2, 8), 40),
 ]

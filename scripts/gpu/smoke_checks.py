@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import torch
 from op_registry import missing_kernels, registered_ops
 from smoke_cases import (
+    DECODE_MAX_ROWS,
     DEFAULT_SMEM,
     SMALL_MASKS,
     STREAM_CASES,
@@ -97,7 +98,7 @@ def check_extras(s: Smoke, large: bool) -> None:
     for n in (1, 3, 40):
         s.run_case(f"fp64 N={n}", w64, s.randn(n, 80, dtype=torch.float64), torch.float64)
     w32 = s.weight("2x8", 24, 80, torch.float32)
-    for n in (3, 40):
+    for n in (2, 40):  # decode (N <= DECODE_MAX_ROWS) and tiled
         x = s.randn(n, 80, dtype=torch.float16)
         s.run_case(f"fp16 input, fp32 codebooks+lora N={n}", w32, x, torch.float16, torch.float32)
     w16 = s.weight("1x16", 24, 80, torch.float16)
@@ -116,13 +117,14 @@ def check_extras(s: Smoke, large: bool) -> None:
     odd_books = flat[1:].view(books.shape)
     wide = torch.stack([codes, torch.zeros_like(codes)], dim=-1).flatten(-2)  # [O, I, 2C]
     odd = (wide[..., ::2], odd_books, scales)
-    for n in (3, 40):
+    for n in (2, 40):
         x = s.randn(n, 80, dtype=torch.float16)
         s.run_case(f"misaligned codebooks, strided codes N={n}", odd, x, torch.float16)
     if large:
         big = s.weight("1x16", 4096, 4096, torch.float16)
         s.run_case("4096x4096 1x16 N=1", big, s.randn(1, 4096, dtype=torch.float16), torch.float16, r=16)
         big = s.weight("2x8", 4096, 4096, torch.float16)
+        s.run_case("4096x4096 2x8 N=2", big, s.randn(2, 4096, dtype=torch.float16), torch.float16, r=16)
         s.run_case("4096x4096 2x8 N=4", big, s.randn(4, 4096, dtype=torch.float16), torch.float16, r=16)
         s.run_case("4096x4096 2x8 N=300", big, s.randn(300, 4096, dtype=torch.float16), torch.float16, r=16)
 
@@ -150,7 +152,7 @@ def check_streams(s: Smoke) -> None:
         g_src = s.randn(n, out_f, dtype=dtype)
         A = s.randn(4, in_f, dtype=dtype, scale=1 / math.sqrt(in_f))
         B = s.randn(out_f, 4, dtype=dtype)
-        decode = n <= 8
+        decode = n <= DECODE_MAX_ROWS
         base = every_op(s.ops, w, x_src, g_src, A, B)
         torch.cuda.synchronize(s.dev)
         with torch.cuda.stream(side):
