@@ -794,6 +794,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     notes.append(f"{label} failed: {first_line(err)}")
                     log(notes[-1])
                 out_path.write_text(render(rows, meta, notes))
+                write_csv(csv_path, rows, train)  # a run stopped at a time cap keeps its rows
             del weight, dense_w, aqlm_layer
             torch.cuda.empty_cache()
 
@@ -810,6 +811,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     notes.append(f"training {out_features}x{in_features} {scheme} failed: {first_line(err)}")
                 torch.cuda.empty_cache()
                 out_path.write_text(render(rows, meta, notes, train))
+                write_csv(csv_path, rows, train)
 
     checks = verdicts(rows, train) + thresholds(rows)
     write_csv(csv_path, rows, train)
