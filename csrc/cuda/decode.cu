@@ -408,7 +408,7 @@ void decode_gemv(Kernel kernel, const at::Tensor& x, const WeightRef& w, const a
                                                 static_cast<int>(smem_bytes)));
           }
           // At most 4 blocks per SM, each staging the codebooks once for its rows: 2 left an H200's
-          // SMs at 23% occupancy (ncu); 4, 8 and 16 measured alike and 10-25% faster than 2
+          // SMs at 23% occupancy (ncu); 4, 8 and 16 measured alike and 8-24% faster than 2
           // (scripts/gpu/gemv_grid_sweep.py, benchmarks/results/gpu/run2/sweep.md).
           const unsigned grid = grid_for(rows, kWarpsPerBlock, gemv_blocks_per_sm(4));
           smem_kernel<<<grid, kGemvThreads, static_cast<size_t>(smem_bytes), stream>>>(a);
