@@ -114,6 +114,15 @@ def scheme_title(scheme: Scheme) -> str:
 Timed = tuple[float, str]  # (microseconds per call, mark: "" | "*" host-bound | "e" eager fallback)
 
 
+def elapsed_ms(start: torch.cuda.Event, end: torch.cuda.Event, body: Callable[[], object]) -> float:
+    """Milliseconds of GPU time between CUDA events recorded around ``body()`` (waits for the end)."""
+    start.record()
+    body()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def time_eager_us(fn: Callable[[], object], budget_s: float) -> Timed:
     """Median time of one ``fn()`` call in microseconds (CUDA events around blocks of calls), marked
     ``*`` when host-bound (issuing a block took the CPU >= 80% of its GPU time)."""
@@ -121,11 +130,7 @@ def time_eager_us(fn: Callable[[], object], budget_s: float) -> Timed:
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    one_ms = max(start.elapsed_time(end), 1e-3)
+    one_ms = max(elapsed_ms(start, end, fn), 1e-3)
     per_block = max(1, min(200, int(1.0 / one_ms)))
     blocks = max(3, min(30, int(budget_s * 1e3 / (per_block * one_ms))))
     times, host = [], []
@@ -153,11 +158,7 @@ def time_graph_us(fn: Callable[[], object], budget_s: float) -> Timed:
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    eager_ms = max(start.elapsed_time(end), 1e-3)  # an upper bound on one call's GPU time
+    eager_ms = max(elapsed_ms(start, end, fn), 1e-3)  # an upper bound on one call's GPU time
     k = max(1, min(100, int(1.0 / eager_ms)))
     graph = torch.cuda.CUDAGraph()
     try:
@@ -171,19 +172,9 @@ def time_graph_us(fn: Callable[[], object], budget_s: float) -> Timed:
         del graph
         torch.cuda.synchronize()
         return time_eager_us(fn, budget_s)[0], "e"
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    replay_ms = max(start.elapsed_time(end), 1e-3)
+    replay_ms = max(elapsed_ms(start, end, graph.replay), 1e-3)
     replays = max(5, min(50, int(budget_s * 1e3 / replay_ms)))
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / k)
+    times = [elapsed_ms(start, end, graph.replay) / k for _ in range(replays)]
     del graph
     return statistics.median(times) * 1e3, ""
 

@@ -343,17 +343,23 @@ class _FakeEvent:
         return (end.t - self.t) * 1e3
 
 
+def bench_with_fake_events(monkeypatch):
+    """benchmarks/bench_cuda.py loaded as a module, with torch.cuda.Event faked for the CPU."""
+    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "benchmarks" / "bench_cuda.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_cuda", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    return bench
+
+
 def test_bench_cuda_rows_run_with_cuda_events_faked(monkeypatch, tmp_path):
     """benchmarks/bench_cuda.py runs once on the GPU with no second chance: its row code (every
     column, the float64 error reference, the host-bound mark) runs here on CPU tensors."""
     from aqlm_lora import ops
     from aqlm_lora.scheme import parse_scheme
 
-    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "benchmarks" / "bench_cuda.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_cuda", bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    bench = bench_with_fake_events(monkeypatch)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     weight, lora_A, lora_B = bench.make_weight(64, 128, parse_scheme("2x8"), torch.device("cpu"))
     dense = ops.dequantize(*weight.args())
@@ -383,11 +389,7 @@ def test_bench_cuda_training_table_runs_with_cuda_memory_faked(monkeypatch, tmp_
     from aqlm_lora import ops
     from aqlm_lora.scheme import parse_scheme
 
-    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "benchmarks" / "bench_cuda.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_cuda", bench)
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    bench = bench_with_fake_events(monkeypatch)
     peaks = iter([3 << 20, 8 << 20])  # ours, then dense
     for name, value in [
         ("synchronize", None),
